@@ -1,0 +1,1 @@
+"""reproduce: table-by-table reproduction of RIFormer, RePaFormer and SiT."""
