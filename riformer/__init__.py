@@ -4,3 +4,15 @@
 `timm.create_model("riformer_s12")` works afterwards.
 """
 from riformer import _compat  # noqa: F401  (must run before timm imports torchvision)
+from riformer import (  # noqa: E402,F401  (each module registers its models with timm)
+    gfnet,
+    lvvit,
+    metaformer,
+    metaformer_v2,
+    mlp,
+    pvt,
+    repa,
+    sit,
+    vig,
+)
+from riformer.deploy import deploy, has_deploy_form  # noqa: E402,F401

@@ -1,0 +1,137 @@
+"""`reproduce train` and `reproduce eval` (click commands; reproduce/cli.py registers them).
+
+Several GPUs: `reproduce train ... --nproc 8` starts torchrun itself. Several nodes: run torchrun
+yourself on every node, e.g.
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m reproduce.engine.cli train riformer-6 riformer_s12 --data /imagenet
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from reproduce.engine import EngineError
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes"
+RUNS = ROOT / "runs"
+
+
+def recipe_of(table: str, row: str) -> Path:
+    """The recipe behind a row's accuracy cells, as the table spec names it."""
+    from reproduce.registry import load_table
+
+    rows = load_table(table).rows
+    if row not in rows:
+        raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(rows)})")
+    recipe = getattr(rows[row], "recipe", None)
+    if not recipe:
+        raise EngineError(f"row {row} of {table} has no `recipe:` in recipes/tables/{table}.yaml")
+    return RECIPES / recipe
+
+
+def _command_line(table, row, scale, data, nproc, recipe_option) -> str:
+    parts = ["reproduce", "train", table, row, "--scale", scale]
+    if data:
+        parts += ["--data", data]
+    if nproc > 1:
+        parts += ["--nproc", str(nproc)]
+    if recipe_option:
+        parts += ["--recipe", recipe_option]
+    return shlex.join(parts)
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Start this same command under torchrun with nproc processes (without --nproc)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    # sys.argv[1:] starts at the subcommand when called as `reproduce train ...`
+    start = args.index("train") if "train" in args else 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "reproduce.engine.cli", *args[start:]]
+    return subprocess.call(command)
+
+
+@click.command("train")
+@click.argument("table")
+@click.argument("row")
+@click.option("--data", type=str, default=None, help="dataset root (ImageFolder: train/ and validation/ folders)")
+@click.option("--scale", type=click.Choice(["smoke", "full"]), default="full", show_default=True,
+              help="smoke: tiny images, few steps, generated data unless --data")
+@click.option("--nproc", type=int, default=1, show_default=True, help="processes (GPUs) on this node")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="default runs/<table>/<row>")
+@click.option("--resume", is_flag=True, help="continue from <output>/checkpoint.pt")
+@click.option("--recipe", "recipe_option", type=str, default=None,
+              help="a recipe file to use instead of the one the table names")
+def train_command(table, row, data, scale, nproc, output, resume, recipe_option):
+    """Train the recipe behind one accuracy cell (TABLE ROW) and evaluate it."""
+    from reproduce.engine import distributed
+
+    try:
+        if nproc > 1 and not distributed.launched_by_torchrun():
+            sys.exit(_relaunch_under_torchrun(nproc))
+        from reproduce.engine.recipe import load_recipe
+        from reproduce.engine.train import train
+
+        path = Path(recipe_option) if recipe_option else recipe_of(table, row)
+        recipe = load_recipe(path, scale=scale)
+        output = output or RUNS / table / row
+        world = int(os.environ.get("WORLD_SIZE", nproc))
+        info = {"recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+                "command": _command_line(table, row, scale, data, world, recipe_option)}
+        result = train(recipe, data=data, output=output, resume=resume, info=info)
+    except EngineError as err:
+        raise click.ClickException(str(err)) from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        click.echo(f"{table}/{row}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({scale}) "
+                   f"-> {output / 'result.json'}")
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--checkpoint", required=True, type=str, help="weights (ours, or an official release)")
+@click.option("--data", required=True, type=str, help="dataset root")
+@click.option("--split", default="validation", show_default=True)
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--crop-pct", default=0.9, show_default=True, help="resize to img_size / crop_pct, centre crop")
+@click.option("--num-classes", default=1000, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--workers", default=4, show_default=True)
+@click.option("--deploy", "deploy_form", is_flag=True, help="the checkpoint holds the folded (deploy) model")
+def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes, batch_size, workers, deploy_form):
+    """Top-1/top-5 of MODEL with the given weights, with the papers' eval transform."""
+    from reproduce.engine.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(model, checkpoint, data, img_size=img_size, crop_pct=crop_pct,
+                                     num_classes=num_classes, split=split, batch_size=batch_size,
+                                     workers=workers, deploy=deploy_form)
+    except EngineError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images)")
+
+
+@click.group()
+def engine_main():
+    """The engine's commands alone (what torchrun runs in each process)."""
+
+
+engine_main.add_command(train_command)
+engine_main.add_command(eval_command)
+
+if __name__ == "__main__":
+    engine_main()

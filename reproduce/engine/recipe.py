@@ -1,0 +1,189 @@
+"""Training recipes: YAML data with `base:` inheritance and a `smoke:` section for tiny runs.
+
+A recipe names a base recipe (`base: ../base.yaml`, relative to the recipe's own folder) whose
+keys it overrides, merged recursively. `load_recipe(path, scale="smoke")` also merges the
+recipe's `smoke:` section on top: the only place where a smoke run differs from a full one.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from reproduce.engine import EngineError
+
+
+class RecipeError(EngineError):
+    pass
+
+
+# Every field a recipe may set, with its type(s); a nested dict is a section. `None` in a tuple
+# means the field may be null.
+_NUM = (int, float)
+SCHEMA = {
+    "description": str,
+    "seed": int,
+    "epochs": int,
+    "steps_per_epoch": (int, type(None)),   # cut epochs short (smoke runs); null = the whole loader
+    "batch_size": int,                      # global: summed over all processes
+    "amp": str,                             # bf16 | fp16 | off (always off on CPU)
+    "model": {
+        "name": str,
+        "num_classes": int,
+        "token_mixer": str,                 # pooling | identity | affine | ...: checked against the model
+        "kwargs": dict,
+        "init_from": (str, type(None)),     # null | imitation_teacher | a checkpoint path
+    },
+    "data": {
+        "dataset": str,                     # timm dataset name; "" = ImageFolder / tar layout
+        "train_split": str,
+        "val_split": str,
+        "img_size": int,
+        "crop_pct": _NUM,
+        "interpolation": str,
+        "auto_augment": (str, type(None)),
+        "color_jitter": _NUM,
+        "re_prob": _NUM,
+        "mixup": _NUM,
+        "cutmix": _NUM,
+        "mixup_switch_prob": _NUM,
+        "label_smoothing": _NUM,
+        "repeated_aug": bool,
+        "no_aug": bool,                     # deterministic train transform (equivalence tests)
+        "workers": int,
+        "generated": {"classes": int, "images_per_class": int, "image_size": int},
+    },
+    "optimizer": {
+        "name": str,                        # adamw | lamb | any timm optimizer
+        "lr_base": _NUM,                    # peak lr at lr_base_size; scaled linearly with batch_size
+        "lr_base_size": int,
+        "weight_decay": _NUM,
+        "eps": _NUM,
+        "betas": list,
+        "clip_grad": (_NUM, type(None)),
+    },
+    "schedule": {
+        "name": str,
+        "warmup_epochs": int,
+        "warmup_lr": _NUM,
+        "min_lr": _NUM,
+        "cooldown_epochs": int,             # Table 9's "10 patient epochs" at min_lr after the cosine
+    },
+    "ema": {"decay": _NUM},                 # 0 = no EMA (Table 10's "EMA decay 0")
+    "distill": {                            # logit distillation (Tables 2, 3, 5)
+        "type": str,                        # none | soft | hard
+        "use_label": bool,                  # keep the ground-truth loss beside the teacher's
+        "alpha": _NUM,                      # teacher weight when use_label: (1-a) CE + a KD
+        "tau": _NUM,
+        "teacher": {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict},
+    },
+    "imitation": {                          # module imitation (Eq. 5-9; Tables 4, 5, 7, 9)
+        "enabled": bool,
+        "scheme": str,                      # none | feature_distillation (lambda out = rel = 0) | module_imitation
+        "teacher": {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict},
+        "layers": list,                     # block indices (depth order) imitated
+        "lambda_times_batch": {"in_norm": _NUM, "in": _NUM, "out": _NUM, "rel": _NUM},
+        "epochs": {"feat": int, "rel": int},  # L'_in and L_out stop after `feat`, L_rel after `rel`
+    },
+}
+CHOICES = {"amp": {"bf16", "fp16", "off"}, "distill.type": {"none", "soft", "hard"},
+           "imitation.scheme": {"none", "feature_distillation", "module_imitation"}}
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise RecipeError(f"{path}: `base:` chain loops back to itself")
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of fields")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read((path.parent / base).resolve(), seen + (path,))
+    # the smoke sections merge too, so that a child can refine its base's smoke settings
+    return merge(parent, data)
+
+
+def _validate(node: dict, schema: dict, where: str, path: Path) -> None:
+    for key, value in node.items():
+        name = f"{where}{key}"
+        if key not in schema:
+            raise RecipeError(f"{path}: unknown field `{name}`")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{path}: field `{name}` must be a mapping")
+            _validate(value, expected, name + ".", path)
+            continue
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, _NUM))
+        if not ok:
+            raise RecipeError(f"{path}: field `{name}` has a wrong type ({value!r})")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise RecipeError(f"{path}: field `{name}` is {value!r}, expected one of {sorted(CHOICES[name])}")
+
+
+REQUIRED = ("model.name", "model.num_classes", "epochs", "batch_size", "optimizer.name", "optimizer.lr_base",
+            "data.img_size")
+
+
+def get(recipe: dict, dotted: str, default=None):
+    """`get(recipe, "optimizer.weight_decay")`: a field by its dotted path (the specs' `recipe.<path>`)."""
+    node = recipe
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _check_imitation_scheme(recipe: dict, path: Path) -> None:
+    """The scheme a table prints (Table 7) must be what the numbers do."""
+    imitation = recipe.get("imitation", {})
+    scheme, enabled = imitation.get("scheme"), imitation.get("enabled", False)
+    lambdas = imitation.get("lambda_times_batch", {})
+    ok = {None: True, "none": not enabled,
+          "feature_distillation": enabled and not lambdas.get("out") and not lambdas.get("rel"),
+          "module_imitation": enabled and bool(lambdas.get("out"))}[scheme]
+    if not ok:
+        raise RecipeError(f"{path}: field `imitation.scheme` is {scheme!r} but imitation.enabled / "
+                          "lambda_times_batch say otherwise")
+
+
+def load_recipe(path, scale: str = "full") -> dict:
+    """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"`, validate.
+
+    Raises RecipeError with a one-line message naming the file and the bad field.
+    """
+    if scale not in ("full", "smoke"):
+        raise RecipeError(f"scale must be `full` or `smoke`, not {scale!r}")
+    path = Path(path).resolve()
+    recipe = _read(path)
+    smoke = recipe.pop("smoke", {}) or {}
+    _validate(smoke, SCHEMA, "smoke.", path)  # checked at every scale, so typos show up early
+    if scale == "smoke":
+        recipe = merge(recipe, smoke)
+    _validate(recipe, SCHEMA, "", path)
+    _check_imitation_scheme(recipe, path)
+    for field in REQUIRED:
+        if get(recipe, field) is None:
+            raise RecipeError(f"{path}: required field `{field}` is missing")
+    recipe["scale"] = scale
+    recipe["path"] = str(path)
+    return recipe

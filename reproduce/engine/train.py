@@ -1,0 +1,292 @@
+"""The training loop behind an accuracy cell: read it top to bottom.
+
+build()  -> data, student, teachers, loss, optimizer, schedule, EMA, resume state
+train()  -> for each epoch: train_one_epoch(), evaluate(), checkpoint, log line
+finish() -> final model (train and deploy form) and runs/<table>/<row>/result.json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import riformer  # noqa: F401  (registers the suite's models; must precede timm's torchvision import)
+import timm
+from riformer.deploy import deploy, has_deploy_form
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from reproduce.engine import EngineError, checkpoint, distributed
+from reproduce.engine.data import build_dataset, build_mixup, eval_loader, make_generated_dataset, train_loader
+from reproduce.engine.distill import ClassificationLoss, build_teacher, init_from_teacher, load_into
+from reproduce.engine.evaluate import autocast, check_classes, evaluate
+from reproduce.engine.imitation import ModuleImitation
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_data(recipe: dict, data: str | None, output: Path, ctx) -> str:
+    """The data root: --data, or for smoke runs a generated ImageFolder under the output folder."""
+    if data:
+        return data
+    if recipe["scale"] == "full":
+        raise EngineError("no ImageNet data: pass --data /path/to/imagenet (with train/ and validation/ folders); "
+                          "the cell stays pending until a full run writes its result")
+    root = output / "generated-data"
+    if ctx.is_main:
+        make_generated_dataset(root, **recipe["data"].get("generated", {}))
+    distributed.barrier(ctx)
+    return str(root)
+
+
+def check_token_mixer(model, expected: str | None, path: str) -> None:
+    """`model.token_mixer` in a recipe is what its table prints; make sure the model has it."""
+    if expected is None:
+        return
+    blocks = [m for m in model.modules() if hasattr(m, "norm2") and hasattr(m, "mlp")]
+    mixers = {type(getattr(b, "token_mixer", torch.nn.Identity())).__name__.lower() for b in blocks}
+    if expected not in {"identity" if m == "identity" else m for m in mixers}:
+        raise EngineError(f"{path}: model.token_mixer is {expected!r} but {type(model).__name__}'s blocks "
+                          f"mix with {sorted(mixers)}")
+
+
+def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
+    run = SimpleNamespace(recipe=recipe, ctx=ctx, output=output, epoch=0, step=0)
+    cfg_data, num_classes = recipe["data"], recipe["model"]["num_classes"]
+    amp = recipe.get("amp", "off") if ctx.device.type == "cuda" else "off"
+    run.amp = amp
+
+    # --- data: each process takes batch_size / world images per step
+    if recipe["batch_size"] % ctx.world:
+        raise EngineError(f"batch_size {recipe['batch_size']} does not split over {ctx.world} processes "
+                          f"({recipe['path']})")
+    per_process = recipe["batch_size"] // ctx.world
+    root = run.data_root = resolve_data(recipe, data, output, ctx)
+    img_size, crop_pct = cfg_data["img_size"], cfg_data.get("crop_pct", 0.9)
+    train_set = build_dataset(cfg_data, root, cfg_data.get("train_split", "train"), True, img_size, crop_pct)
+    val_set = build_dataset(cfg_data, root, cfg_data.get("val_split", "validation"), False, img_size, crop_pct)
+    for dataset in (train_set, val_set):
+        check_classes(dataset, num_classes, root, f"recipe {recipe['path']} (model.num_classes)")
+    workers = cfg_data.get("workers", 8)
+    run.train_loader = train_loader(train_set, per_process, workers, ctx.rank, ctx.world, recipe.get("seed", 0),
+                                    cfg_data.get("repeated_aug", False))
+    run.val_loader = eval_loader(val_set, per_process, workers, ctx.rank, ctx.world)
+    if len(run.train_loader) == 0:
+        raise EngineError(f"data {root} has fewer training images ({len(train_set)}) than one batch")
+    run.steps_per_epoch = min(len(run.train_loader), recipe.get("steps_per_epoch") or len(run.train_loader))
+    run.mixup = build_mixup(cfg_data, num_classes)
+
+    # --- models: the student, then the teachers (frozen, eval mode)
+    seed_everything(recipe.get("seed", 0))  # the same initial weights in every process
+    model = timm.create_model(recipe["model"]["name"], num_classes=num_classes, **recipe["model"].get("kwargs", {}))
+    distill, imitate = recipe.get("distill", {}), recipe.get("imitation", {})
+    run.teacher = None
+    if distill.get("type", "none") != "none":
+        run.teacher = build_teacher(distill["teacher"], num_classes, "distillation teacher", recipe["scale"])
+    run.imitation_teacher = None
+    if imitate.get("enabled"):
+        run.imitation_teacher = build_teacher(imitate["teacher"], num_classes, "imitation teacher", recipe["scale"])
+    init_from = recipe["model"].get("init_from")
+    if init_from == "imitation_teacher":
+        if run.imitation_teacher is None:
+            raise EngineError(f"{recipe['path']}: model.init_from is imitation_teacher but imitation is off")
+        init_from_teacher(model, run.imitation_teacher)
+    elif init_from:
+        load_into(model, init_from, "initial")
+    check_token_mixer(model, recipe["model"].get("token_mixer"), recipe["path"])
+    model.to(ctx.device)
+    for teacher in (run.teacher, run.imitation_teacher):
+        if teacher is not None:
+            teacher.to(ctx.device)
+    run.model = model
+
+    # --- optimization: lr scaled with the global batch, cosine per step after a warmup
+    opt = recipe["optimizer"]
+    lr = opt["lr_base"] * recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
+    extra = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items() if k in ("eps", "betas")}
+    run.optimizer = create_optimizer_v2(model, opt=opt["name"], lr=lr, weight_decay=opt.get("weight_decay", 0.0),
+                                        **extra)
+    sched = recipe.get("schedule", {})
+    run.scheduler, run.total_epochs = create_scheduler_v2(
+        run.optimizer, sched=sched.get("name", "cosine"), num_epochs=recipe["epochs"],
+        warmup_epochs=sched.get("warmup_epochs", 0), warmup_lr=sched.get("warmup_lr", 1e-6),
+        min_lr=sched.get("min_lr", 0.0), cooldown_epochs=sched.get("cooldown_epochs", 0),
+        step_on_epochs=False, updates_per_epoch=run.steps_per_epoch)
+    run.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(amp == "fp16"))
+    decay = recipe.get("ema", {}).get("decay", 0)
+    run.ema = ModelEmaV3(model, decay=decay) if decay > 0 else None  # before the imitation hooks exist
+    run.criterion = ClassificationLoss(distill, cfg_data.get("label_smoothing", 0.0))
+    run.imitation = None
+    if run.imitation_teacher is not None:
+        run.imitation = ModuleImitation(model, run.imitation_teacher, imitate, recipe["batch_size"])
+    run.ddp = (DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+               if ctx.distributed else model)
+    return run
+
+
+def save_checkpoint(run) -> None:
+    """Everything --resume needs to continue bit for bit; every process's RNG state included."""
+    rng = distributed.gather_objects(run.ctx, checkpoint.rng_state())
+    if not run.ctx.is_main:
+        return
+    state = {
+        "epoch": run.epoch, "step": run.step, "world": run.ctx.world, "rng": rng, "recipe": run.recipe,
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema else None,
+    }
+    checkpoint.save_torch(state, run.output / "checkpoint.pt")
+
+
+def restore_checkpoint(run) -> None:
+    state = checkpoint.load(run.output / "checkpoint.pt")
+    if state["world"] != run.ctx.world:
+        raise EngineError(f"{run.output}/checkpoint.pt was written by {state['world']} processes; resume with "
+                          f"--nproc {state['world']} (the data order depends on it)")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.step = state["epoch"], state["step"]
+    checkpoint.set_rng_state(state["rng"][run.ctx.rank])
+
+
+def training_step(run, images, targets) -> dict:
+    """One optimizer update; returns the loss terms for the log."""
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    with autocast(run.ctx.device, run.amp):
+        logits = run.ddp(images)
+        teacher_logits = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(images)
+        loss = run.criterion(logits, targets, teacher_logits)
+        terms = {}
+        if run.imitation is not None:
+            with torch.no_grad():
+                run.imitation_teacher(images)  # fills the teacher's hooked features
+            imitation_loss, terms = run.imitation.loss(run.epoch)
+            loss = loss + imitation_loss
+    if not math.isfinite(loss.item()):
+        raise EngineError(f"loss is {loss.item()} at epoch {run.epoch} step {run.step}: lower the lr or use bf16")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    clip = run.recipe["optimizer"].get("clip_grad")
+    if clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    run.scheduler.step_update(run.step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    return {"loss": loss.item(), **terms}
+
+
+def train_one_epoch(run, progress) -> dict:
+    run.model.train()
+    run.train_loader.sampler.set_epoch(run.epoch)  # the order is a function of (seed, epoch)
+    if run.imitation is not None and not run.imitation.active(run.epoch):
+        run.imitation.remove()  # its epochs are over: stop hooking and stop running its teacher
+        run.imitation = run.imitation_teacher = None
+    task = progress.add_task(f"epoch {run.epoch + 1}/{run.total_epochs}", total=run.steps_per_epoch)
+    loss_sum, sums = 0.0, {}
+    for i, (images, targets) in enumerate(run.train_loader):
+        if i == run.steps_per_epoch:
+            break
+        images, targets = images.to(run.ctx.device, non_blocking=True), targets.to(run.ctx.device, non_blocking=True)
+        terms = training_step(run, images, targets)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + value
+        progress.update(task, advance=1, description=f"epoch {run.epoch + 1}/{run.total_epochs} "
+                                                     f"loss {terms['loss']:.4f}")
+    run.scheduler.step(run.epoch + 1)
+    keys = sorted(sums)
+    totals = distributed.sum_across(run.ctx, *[sums[k] for k in keys], run.steps_per_epoch)
+    return {k: v / totals[-1] for k, v in zip(keys, totals[:-1])}
+
+
+def append_log(run, line: dict) -> None:
+    if run.ctx.is_main:
+        with open(run.output / "log.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def trim_log(run) -> None:
+    """On resume, drop log lines of epochs the checkpoint does not contain (they will rerun)."""
+    path = run.output / "log.jsonl"
+    if run.ctx.is_main and path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < run.epoch]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def finish(run, metrics: dict, info: dict) -> dict:
+    """Save the final model in its train and deploy forms, then the cell's result.json."""
+    result = {"top1": metrics["top1"], "top5": metrics["top5"], "scale": run.recipe["scale"],
+              "data": run.data_root, "epochs": run.total_epochs, "recipe": info.get("recipe", run.recipe["path"]),
+              "command": info.get("command", ""), "model": run.recipe["model"]["name"]}
+    if "teacher_top1" in info:
+        result["teacher_top1"] = info["teacher_top1"]
+    if run.ctx.is_main:
+        checkpoint.save_torch(run.model.state_dict(), run.output / "model.pt")
+        if has_deploy_form(run.model):
+            folded = deploy(copy.deepcopy(run.model).eval())
+            checkpoint.save_torch(folded.state_dict(), run.output / "model_deploy.pt")
+        if run.ema is not None:
+            checkpoint.save_torch(run.ema.module.state_dict(), run.output / "model_ema.pt")
+        checkpoint.save_json(result, run.output / "result.json")
+    return result
+
+
+def train(recipe: dict, *, data: str | None, output, resume: bool = False, info: dict | None = None) -> dict:
+    """Train one recipe to the end (or from its last checkpoint) and evaluate it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    ctx = distributed.setup()
+    output, info = Path(output), info or {}
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        run = build(recipe, data, output, ctx)
+        if resume:
+            restore_checkpoint(run)
+            trim_log(run)
+        else:
+            seed_everything(recipe.get("seed", 0) + ctx.rank)  # augmentations differ across processes
+        metrics = {"top1": float("nan"), "top5": float("nan")}
+        if run.teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
+            info["teacher_top1"] = evaluate(run.teacher, run.val_loader, ctx, run.amp)["top1"]
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not ctx.is_main, transient=True) as progress:
+            while run.epoch < run.total_epochs:
+                start = time.time()
+                losses = train_one_epoch(run, progress)
+                metrics = evaluate(run.model, run.val_loader, ctx, run.amp)
+                line = {"epoch": run.epoch, "lr": run.optimizer.param_groups[0]["lr"], **losses, **metrics}
+                if run.ema is not None:
+                    line.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.val_loader, ctx, run.amp).items()})
+                run.epoch += 1
+                save_checkpoint(run)
+                append_log(run, {**line, "seconds": round(time.time() - start, 3)})
+                if ctx.is_main:
+                    progress.console.print(f"epoch {run.epoch}/{run.total_epochs}  loss {losses['loss']:.4f}  "
+                                           f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}")
+        return finish(run, metrics, info)
+    finally:
+        distributed.teardown(ctx)

@@ -1,0 +1,255 @@
+"""The one measurement module: build a model, count its params and MACs, time its throughput.
+
+MACs are fvcore "flops" (fvcore counts one multiply-add as one flop). Which operations count is a
+*convention*, declared per table row; `CONVENTIONS` lists them and docs/counting.md explains why
+each exists. Throughput follows a paper's protocol (recipes/protocols/*.yaml), scaled down on CPU,
+and every result carries the metadata needed to read it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import riformer  # noqa: F401  (registers the suite's models; installs the torchvision shim first)
+import timm
+from riformer.deploy import deploy, has_deploy_form
+
+# name -> what it counts, on top of fvcore's defaults (convs, linears, matmul/bmm/einsum, norms).
+CONVENTIONS = {
+    "fvcore": "fvcore as is: attention computed by scaled_dot_product_attention, pooling, "
+              "activations, softmax and FFT count zero",
+    "fvcore+attn": "fvcore plus the two matmuls of scaled_dot_product_attention (QK^T and AV)",
+    "fvcore+fft": "fvcore plus FFTs and the global filter's complex multiply (GFNet)",
+    "fvcore+attn+fft": "fvcore plus attention matmuls and FFTs",
+}
+
+
+class ModelNotImplemented(LookupError):
+    """The suite has no implementation of this model (yet)."""
+
+
+class MeasureError(RuntimeError):
+    """A measurement could not be made; the message names the model and what to fix."""
+
+
+@contextlib.contextmanager
+def attention_through_sdpa():
+    """Build timm models whose attention all runs through scaled_dot_product_attention.
+
+    Some timm models (Swin) default to explicit matmuls, which fvcore counts, while others use
+    SDPA, which it does not. Counting with every model on SDPA makes the attention products an
+    explicit choice of the convention ("+attn") instead of an accident of the implementation.
+    """
+    from timm.layers import config
+
+    previous = config._USE_FUSED_ATTN
+    config.set_fused_attn(True, experimental=True)
+    try:
+        yield
+    finally:
+        config._USE_FUSED_ATTN = previous
+
+
+def build_model(name: str, model_kwargs: dict | None = None, form: str = "train",
+                for_counting: bool = False) -> nn.Module:
+    """Create `name` from the timm registry in eval mode, folded into its deploy form if asked.
+
+    `for_counting` routes all attention through SDPA (see `attention_through_sdpa`); timing uses
+    each model's own default attention implementation.
+    """
+    if name is None or name not in timm.list_models():
+        raise ModelNotImplemented(f"model not implemented: {name}")
+    with attention_through_sdpa() if for_counting else contextlib.nullcontext():
+        model = timm.create_model(name, pretrained=False, **(model_kwargs or {})).eval()
+    if form == "deploy":
+        if not has_deploy_form(model):
+            raise MeasureError(f"{name} has no deploy form (no module with switch_to_deploy); "
+                               "use form: train for it")
+        deploy(model)
+    return model
+
+
+def count_params(model: nn.Module) -> float:
+    """Parameters in millions (buffers such as BatchNorm statistics excluded)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _extra_handles(convention: str) -> dict[str, Callable]:
+    if convention not in CONVENTIONS:
+        raise MeasureError(f"unknown MACs convention '{convention}'; known: {', '.join(CONVENTIONS)}")
+    from reproduce import op_counters
+
+    handles = {}
+    if "+attn" in convention:
+        handles.update(op_counters.ATTENTION_HANDLES)
+    if "+fft" in convention:
+        handles.update(op_counters.FFT_HANDLES)
+    return handles
+
+
+def count_macs(model: nn.Module, img_size: int, convention: str = "fvcore") -> float:
+    """MACs in G for one image at `img_size` under `convention`."""
+    from fvcore.nn import FlopCountAnalysis
+
+    handles = _extra_handles(convention)
+    x = torch.zeros(1, 3, img_size, img_size)
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model.eval(), x)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        for op, handle in handles.items():
+            analysis.set_op_handle(op, handle)
+        return analysis.total() / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_tag(device: str) -> str:
+    """A short, stable folder name for results measured on `device` (e.g. cpu-amd-epyc-2c)."""
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", "", device_name(device).lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    if device.startswith("cuda"):
+        return f"cuda-{slug}"
+    return f"cpu-{slug}-{os.cpu_count()}c"
+
+
+def same_device(paper_device: str, name: str) -> bool:
+    """True if every model token of the paper's device ('A100', '80GB') is in `name`."""
+    tokens = [t for t in re.findall(r"[a-z0-9]+", paper_device.lower()) if t not in ("nvidia", "gpu", "rtx", "one")]
+    have = set(re.findall(r"[a-z0-9]+", name.lower()))
+    return bool(tokens) and all(t in have for t in tokens)
+
+
+def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MeasureError("--device cuda asked for, but torch sees no CUDA device "
+                               f"(torch {torch.__version__}); use --device cpu")
+        return device
+    raise MeasureError(f"unknown device '{device}'; use cpu or cuda[:N]")
+
+
+def environment(device: str) -> dict:
+    """What a throughput number needs beside it to mean anything."""
+    env = {"device": device_name(device), "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version(), "threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["driver"] = _nvidia_driver()
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    with contextlib.suppress(OSError):
+        return open("/proc/driver/nvidia/version").readline().strip()
+    return None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How to time: a paper's protocol, or its scaled-down CPU form."""
+    batch_size: int
+    runs: int                 # forward passes timed back to back, averaged
+    repeats: int              # independent timings; the median is reported
+    warmup: int
+    dtype: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_device(cls, protocol: dict, device: str, img_size: int) -> "Protocol":
+        """The paper's protocol on CUDA; its `cpu:` section (small batch, few runs) on CPU."""
+        section = dict(protocol)
+        if not device.startswith("cuda"):
+            section.update(protocol.get("cpu") or {})
+        batch = section.get("batch_size", 128)
+        by_size = section.get("batch_size_by_img_size") or {}
+        batch = by_size.get(img_size, by_size.get(str(img_size), batch))
+        return cls(batch_size=int(batch), runs=int(section.get("runs", 30)),
+                   repeats=int(section.get("repeats", 3)), warmup=int(section.get("warmup", 10)),
+                   dtype=section.get("dtype", "float32"), channels_last=bool(section.get("channels_last", False)),
+                   compile=bool(section.get("compile", False)))
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Times one model under a protocol; `sample()` is one repeat (images/s)."""
+
+    def __init__(self, model: nn.Module, img_size: int, protocol: Protocol, device: str):
+        self.protocol, self.device = protocol, device
+        dtype = getattr(torch, protocol.dtype)
+        memory_format = torch.channels_last if protocol.channels_last else torch.contiguous_format
+        self.model = model.eval().to(device=device, dtype=dtype, memory_format=memory_format)
+        if protocol.compile:
+            self.model = torch.compile(self.model)
+        self.batch_size = protocol.batch_size
+        self.notes: list[str] = []
+        while True:
+            self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=dtype)
+            self.x = self.x.contiguous(memory_format=memory_format)
+            try:
+                self._run(protocol.warmup)
+                break
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise MeasureError("out of memory at batch size 1") from None
+                self.batch_size //= 2
+                self.notes.append(f"out of memory: batch halved to {self.batch_size}")
+                torch.cuda.empty_cache()
+
+    def _run(self, n: int):
+        with torch.inference_mode():
+            for _ in range(n):
+                self.model(self.x)
+        _sync(self.device)
+
+    def sample(self) -> float:
+        start = time.perf_counter()
+        self._run(self.protocol.runs)
+        return self.batch_size * self.protocol.runs / (time.perf_counter() - start)
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"img_per_s": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+def measure_throughput(model: nn.Module, img_size: int, protocol: Protocol, device: str = "cpu") -> dict:
+    """Median images/s over `protocol.repeats` timings of `protocol.runs` batches each."""
+    timer = Timer(model, img_size, protocol, device)
+    samples = [timer.sample() for _ in range(protocol.repeats)]
+    return {**summarize(samples), "batch_size": timer.batch_size, "notes": timer.notes}
+
+
+def cache_key(**parts) -> str:
+    """A stable key for the measurement cache (see runner.MeasurementCache)."""
+    return json.dumps(parts, sort_keys=True, default=str)

@@ -1,0 +1,221 @@
+"""The table registry: every mission table, its columns, rows, models, recipes and tolerances.
+
+A table is data: `recipes/tables/<id>.yaml` (the spec, see docs/adding-a-table.md) and
+`results/reference/<id>.csv` (the printed numbers). This module loads and validates both, and is
+the only place that knows where they live.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+TABLES_DIR = RECIPES / "tables"
+REFERENCE_DIR = ROOT / "results" / "reference"
+
+REFERENCE_COLUMNS = ["table", "row", "label", "group", "column", "reported", "unit",
+                     "epochs_600", "finetuned_384", "cnn_teacher", "in22k", "note"]
+COLUMN_KINDS = ("setting", "params", "macs", "throughput", "gain", "ratio", "accuracy")
+# Absolute tolerance in the column's unit when a spec gives none; None = never compared.
+DEFAULT_TOLERANCE = {"setting": 0.0, "params": 0.1, "macs": 0.1, "throughput": None, "gain": 5.0,
+                     "ratio": 0.2, "accuracy": 0.3}
+PAPERS = ("riformer", "repaformer", "sit")
+
+
+class RegistryError(ValueError):
+    """A table id, spec or reference file is wrong; the message names the thing to fix."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    id: str
+    kind: str
+    unit: str = ""
+    tolerance: float | None = None
+    form: str | None = None        # train | deploy: overrides the row's form
+    of: str | None = None          # gain/ratio: numerator column
+    over: str | None = None        # gain/ratio: denominator column of the same row
+    over_row: str | None = None    # gain/ratio: "baseline" = the same column in the row's baseline
+    source: str | None = None      # setting: where the value comes from
+    values: dict | None = None     # setting: value -> printed form
+    recipe: str | None = None      # setting: recipe used for every row of this column (Table 10)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    id: str
+    model: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    img_size: int = 224
+    form: str = "train"
+    macs_convention: str = "fvcore"
+    baseline: str | None = None
+    recipe: str | None = None
+    pending: str | None = None
+    cited: str | None = None
+    note: str = ""
+    cell_notes: dict = field(default_factory=dict)
+    source: str | None = None      # setting source shared by the row's cells (Table 10)
+    values: dict | None = None
+    settings: dict = field(default_factory=dict)   # any other field: settings the columns can read
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    id: str
+    paper: str
+    number: int
+    title: str
+    protocol: str | None
+    columns: dict[str, ColumnSpec]
+    rows: dict[str, RowSpec]
+    reference: pd.DataFrame = field(repr=False, compare=False)
+    spec_path: Path = field(repr=False, compare=False, default=None)
+
+    def columns_of_kind(self, *kinds: str) -> list[ColumnSpec]:
+        return [c for c in self.columns.values() if c.kind in kinds]
+
+    def tolerance(self, column: ColumnSpec) -> float | None:
+        return column.tolerance if column.tolerance is not None else DEFAULT_TOLERANCE[column.kind]
+
+
+_ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "settings")}
+_COLUMN_FIELDS = {f for f in ColumnSpec.__dataclass_fields__ if f != "id"}
+_TABLE_FIELDS = {"id", "paper", "number", "title", "protocol", "columns", "rows", "defaults", "notes"}
+
+
+def _sort_key(table_id: str):
+    paper, number = table_id.rsplit("-", 1)
+    return (PAPERS.index(paper) if paper in PAPERS else len(PAPERS), paper, int(number))
+
+
+def table_ids() -> list[str]:
+    """Ids of every table that has a spec, in paper order."""
+    return sorted((p.stem for p in TABLES_DIR.glob("*.yaml")), key=_sort_key)
+
+
+def unknown_table_message(table_id: str) -> str:
+    ids = table_ids()
+    close = difflib.get_close_matches(table_id, ids, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown table '{table_id}'.{hint} Known tables: {', '.join(ids)}"
+
+
+def _fail(path: Path, message: str):
+    raise RegistryError(f"{path.relative_to(ROOT)}: {message}")
+
+
+def _check_fields(path, where, data, allowed):
+    if not isinstance(data, dict):
+        _fail(path, f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - allowed
+    if unknown:
+        _fail(path, f"{where} has unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _column(path, cid, data) -> ColumnSpec:
+    _check_fields(path, f"column '{cid}'", data, _COLUMN_FIELDS)
+    if data.get("kind") not in COLUMN_KINDS:
+        _fail(path, f"column '{cid}' has kind {data.get('kind')!r}; expected one of {COLUMN_KINDS}")
+    if data["kind"] in ("gain", "ratio") and not data.get("of"):
+        _fail(path, f"column '{cid}' ({data['kind']}) needs 'of:'")
+    if data["kind"] in ("gain", "ratio") and not (data.get("over") or data.get("over_row")):
+        _fail(path, f"column '{cid}' ({data['kind']}) needs 'over:' or 'over_row: baseline'")
+    if data.get("form") not in (None, "train", "deploy"):
+        _fail(path, f"column '{cid}' has form {data['form']!r}; expected train or deploy")
+    return ColumnSpec(id=cid, **data)
+
+
+def _row(path, rid, data, defaults) -> RowSpec:
+    merged = {**defaults, **(data or {})}
+    known = {k: v for k, v in merged.items() if k in _ROW_FIELDS}
+    settings = {k: v for k, v in merged.items() if k not in _ROW_FIELDS}
+    if known.get("form", "train") not in ("train", "deploy"):
+        _fail(path, f"row '{rid}' has form {known['form']!r}; expected train or deploy")
+    if known.get("model_kwargs") is None:
+        known.pop("model_kwargs", None)
+    return RowSpec(id=rid, settings=settings, **known)
+
+
+def read_reference(table_id: str) -> pd.DataFrame:
+    path = REFERENCE_DIR / f"{table_id}.csv"
+    if not path.exists():
+        raise RegistryError(f"no reference CSV for {table_id}: expected {path.relative_to(ROOT)}")
+    ref = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(ref.columns) != REFERENCE_COLUMNS:
+        _fail(path, f"header must be {','.join(REFERENCE_COLUMNS)}")
+    dup = ref[ref.duplicated(["row", "column"], keep=False)]
+    if len(dup):
+        _fail(path, f"duplicate (row, column) cells: {dup[['row', 'column']].values.tolist()[:5]}")
+    return ref
+
+
+@lru_cache(maxsize=None)
+def load_table(table_id: str) -> TableSpec:
+    path = TABLES_DIR / f"{table_id}.yaml"
+    if not path.exists():
+        raise RegistryError(unknown_table_message(table_id))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RegistryError(f"{path.relative_to(ROOT)}: not valid YAML: {e}") from None
+    _check_fields(path, "the spec", data, _TABLE_FIELDS)
+    for key in ("paper", "number", "title", "columns", "rows"):
+        if key not in data:
+            _fail(path, f"missing field '{key}'")
+    if data.get("id", table_id) != table_id:
+        _fail(path, f"id {data['id']!r} does not match the file name")
+    if data["paper"] not in PAPERS:
+        _fail(path, f"paper {data['paper']!r}; expected one of {PAPERS}")
+    columns = {cid: _column(path, cid, c) for cid, c in data["columns"].items()}
+    defaults = data.get("defaults") or {}
+    rows = {rid: _row(path, rid, r, defaults) for rid, r in data["rows"].items()}
+    for row in rows.values():
+        if row.baseline and row.baseline not in rows:
+            _fail(path, f"row '{row.id}' has baseline '{row.baseline}', which is not a row")
+    for col in columns.values():
+        for ref_col in (col.of, col.over):
+            if ref_col and ref_col not in columns:
+                _fail(path, f"column '{col.id}' refers to unknown column '{ref_col}'")
+    reference = read_reference(table_id)
+    missing_rows = sorted(set(reference["row"]) - set(rows))
+    missing_cols = sorted(set(reference["column"]) - set(columns))
+    if missing_rows:
+        _fail(path, f"rows in the reference CSV but not in the spec: {missing_rows}")
+    if missing_cols:
+        _fail(path, f"columns in the reference CSV but not in the spec: {missing_cols}")
+    return TableSpec(id=table_id, paper=data["paper"], number=int(data["number"]), title=data["title"],
+                     protocol=data.get("protocol"), columns=columns, rows=rows, reference=reference,
+                     spec_path=path)
+
+
+def resolve_table_id(table_id: str) -> str:
+    """Accept 'riformer-6', 'RIFormer-6', 'riformer6'; raise with the known ids otherwise."""
+    canonical = re.sub(r"^([a-z]+)-?(\d+)$", r"\1-\2", table_id.strip().lower())
+    if canonical in table_ids():
+        return canonical
+    raise RegistryError(unknown_table_message(table_id))
+
+
+def load_recipe(relpath: str) -> dict:
+    """A training recipe by its path under recipes/ (the engine resolves `base:` inheritance)."""
+    try:
+        from reproduce.engine.recipe import load_recipe as engine_load_recipe
+    except ImportError:  # engine not installed in this build: plain YAML
+        return yaml.safe_load((RECIPES / relpath).read_text())
+    return engine_load_recipe(RECIPES / relpath)
+
+
+def load_protocol(name: str) -> dict:
+    path = RECIPES / "protocols" / f"{name}.yaml"
+    if not path.exists():
+        raise RegistryError(f"unknown throughput protocol '{name}': expected {path.relative_to(ROOT)}")
+    return yaml.safe_load(path.read_text())

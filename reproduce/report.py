@@ -1,0 +1,160 @@
+"""The one report writer: cell statuses, the long results CSV and the paper-shaped Markdown.
+
+The results CSV is a contract (docs/architecture.md): one line per cell,
+`table,row,model,column,reported,measured,unit,delta,status,note`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+RESULT_COLUMNS = ["table", "row", "model", "column", "reported", "measured", "unit", "delta", "status", "note"]
+STATUSES = ("match", "within_tolerance", "mismatch", "pending", "cited")
+STATUS_MARK = {"match": "✓", "within_tolerance": "≈", "mismatch": "✗", "pending": "…", "cited": "cited"}
+
+_MINUS = str.maketrans({"−": "-", "–": "-", "×": "x"})
+
+
+def parse_number(text) -> tuple[float, int] | None:
+    """The value and printed decimals of a printed number, or None if it is not one.
+
+    Understands '4899.80', '−2.0', '+84.1%', '(↑ 17.8%)', '3.2×', '1e-8', '10−5', '1× 10−3'.
+    """
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return None
+    s = str(text).translate(_MINUS).strip().strip("()").replace("↑", "").replace("↓", "-")
+    s = s.replace(" ", "").rstrip("%x")
+    m = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)?x?10\^?([+-]?\d+)", s)  # 10−5, 1x10−3
+    if m and ("10" in s) and not re.fullmatch(r"[+-]?\d+(\.\d+)?", s):
+        mantissa = float(m.group(1)) if m.group(1) else 1.0
+        return mantissa * 10 ** int(m.group(2)), 0
+    if re.fullmatch(r"[+-]?\d+(\.\d+)?[eE][+-]?\d+", s):
+        return float(s), 0
+    if re.fullmatch(r"[+-]?\d+(\.\d+)?", s):
+        decimals = len(s.split(".")[1]) if "." in s else 0
+        return float(s), decimals
+    return None
+
+
+def _norm_text(value) -> str:
+    return re.sub(r"\s+", " ", str(value).translate(_MINUS)).strip().lower()
+
+
+def compare(reported: str, measured, tolerance: float | None, kind: str) -> tuple[str, float | None]:
+    """Status and delta (measured - reported) of one cell."""
+    ref = parse_number(reported)
+    if kind == "setting":
+        got = parse_number(measured) if not isinstance(measured, (int, float)) else (float(measured), 0)
+        if ref and got:
+            return ("match" if math.isclose(ref[0], got[0], rel_tol=1e-9) else "mismatch"), None
+        return ("match" if _norm_text(reported) == _norm_text(measured) else "mismatch"), None
+    if ref is None:
+        return "mismatch", None
+    value, decimals = ref
+    delta = float(measured) - value
+    if round(float(measured), decimals) == round(value, decimals):
+        return "match", delta
+    if tolerance is not None and abs(delta) <= tolerance + 1e-9:
+        return "within_tolerance", delta
+    return "mismatch", delta
+
+
+def format_measured(value, reported: str) -> str:
+    """Measured numbers carry two more decimals than the printed value, so rounding is visible."""
+    if isinstance(value, str):
+        return value
+    ref = parse_number(reported)
+    decimals = (ref[1] if ref else 1) + 2
+    return f"{value:.{decimals}f}"
+
+
+def format_delta(delta: float | None, reported: str) -> str:
+    if delta is None:
+        return ""
+    ref = parse_number(reported)
+    return f"{delta:+.{(ref[1] if ref else 1) + 2}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cells_frame(cells: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(cells, columns=RESULT_COLUMNS).fillna("")
+    bad = set(frame["status"]) - set(STATUSES)
+    if bad:
+        raise ValueError(f"unknown status(es) {sorted(bad)}")
+    return frame
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(frame.columns) != RESULT_COLUMNS:
+        raise ValueError(f"{path}: header must be {','.join(RESULT_COLUMNS)}")
+    return frame
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
+    """The table as the paper lays it out: one line per row, 'reported → measured mark' per cell."""
+    labels = dict(zip(spec.reference["row"], spec.reference["label"]))
+    cells = {(r.row, r.column): r for r in frame.itertuples()}
+    header = ["Model"] + [f"{c.id} ({c.unit})" if c.unit else c.id for c in spec.columns.values()]
+    lines, notes = [], []
+    for row_id in spec.rows:
+        if not any((row_id, c) in cells for c in spec.columns):
+            continue
+        line = [labels.get(row_id, row_id)]
+        for column in spec.columns:
+            cell = cells.get((row_id, column))
+            if cell is None:
+                line.append("")
+                continue
+            text = cell.reported or "–"
+            if cell.measured:
+                text += f" → {cell.measured}"
+            text += f" {STATUS_MARK[cell.status]}"
+            if cell.note:
+                notes.append(cell.note)
+                text += f" [{len(notes)}]"
+            line.append(text)
+        lines.append(line)
+    counts = frame["status"].value_counts()
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
+    out = [f"# {spec.id}: {spec.title}", "",
+           f"Paper: {spec.paper}, Table {spec.number}. Cells: {summary}.",
+           "Each cell reads `reported → measured mark`; marks: ✓ match at the printed precision, "
+           "≈ within tolerance, ✗ mismatch, … pending, cited.", ""]
+    if meta:
+        out += ["| run | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
+    out += [tabulate(lines, headers=header, tablefmt="github"), ""]
+    if notes:
+        out += ["## Notes", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+    return "\n".join(out)

@@ -1,0 +1,239 @@
+"""GFNet: Global Filter Networks (Rao et al., NeurIPS 2021), RIFormer Table 6 baselines and teacher.
+
+The token mixer is a *global filter*: a 2-D FFT over the token grid, an element-wise product with
+a learned complex filter (one per position of the half spectrum and channel), an inverse FFT.
+It is a global circular convolution computed in O(N log N).
+
+One class builds both variants of the official code (raoyongming/GFNet, `gfnet.py`):
+- isotropic (`gfnet_b`): one stage, 16x16 patches, blocks without layer scale;
+- hierarchical (`gfnet_h_*`): 4x4 patches, then 2x2 stride-2 convs between four stages, blocks
+  with a layer scale on the residual branch.
+Note GFNet's block has a single residual around filter *and* MLP:
+`x + mlp(norm2(filter(norm1(x))))`. The position embedding is added after the first embedding.
+
+The filters' shape is tied to the token grid, so the model is built for one `img_size` (224 by
+default, then grids 56/28/14/7 or 14): pass `img_size=64` to run at 64 px. Parameter counts at 224
+are the printed ones. fvcore skips the FFTs: `reproduce/op_counters.py` counts them under the
+`fvcore+fft` convention, the GFNet authors' own.
+"""
+import re
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, trunc_normal_
+from timm.models import register_model
+
+__all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class GlobalFilter(nn.Module):
+    """rfft2 over the (height, width) grid, times a learned complex filter, irfft2 back.
+
+    Input and output are channels-last grids (B, H, W, C). The filter covers the half spectrum
+    of a real signal, H x (W // 2 + 1), stored as (real, imaginary) pairs.
+    """
+
+    def __init__(self, dim, grid_size):
+        super().__init__()
+        self.grid_size = grid_size
+        self.complex_weight = nn.Parameter(torch.randn(grid_size, grid_size // 2 + 1, dim, 2) * 0.02)
+
+    def forward(self, x):
+        dtype, height, width = x.dtype, x.shape[1], x.shape[2]
+        x = torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho")  # FFTs in fp32, also under AMP
+        x = x * torch.view_as_complex(self.complex_weight)
+        return torch.fft.irfft2(x, s=(height, width), dim=(1, 2), norm="ortho").to(dtype)
+
+
+class Block(nn.Module):
+    """x + drop_path(layer_scale * mlp(norm2(filter(norm1(x))))) on a (B, H, W, C) grid."""
+
+    def __init__(self, dim, grid_size, mlp_ratio=4.0, drop=0.0, drop_path=0.0, layer_scale_init=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.filter = GlobalFilter(dim, grid_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        # the hierarchical models scale the residual branch; the isotropic ones do not
+        self.gamma = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
+
+    def forward(self, x):
+        branch = self.mlp(self.norm2(self.filter(self.norm1(x))))
+        if self.gamma is not None:
+            branch = self.gamma * branch
+        return x + self.drop_path(branch)
+
+
+class Stage(nn.Module):
+    """A strided conv (patch embedding or 2x2 downsampling), then blocks on a channels-last grid.
+
+    The first stage also adds the learned position embedding, (1, H, W, C).
+    """
+
+    def __init__(self, in_chans, dim, stride, grid_size, depth, drop_path_rates, with_pos_embed=False,
+                 drop=0.0, **block_kwargs):
+        super().__init__()
+        self.downsample = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size, grid_size, dim)) if with_pos_embed else None
+        self.pos_drop = nn.Dropout(drop)
+        self.blocks = nn.Sequential(*(
+            Block(dim, grid_size, drop=drop, drop_path=rate, **block_kwargs) for rate in drop_path_rates))
+
+    def forward(self, x):
+        x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.pos_embed is not None:
+            x = self.pos_drop(x + self.pos_embed)
+        return self.blocks(x).permute(0, 3, 1, 2)
+
+
+class GFNet(nn.Module):
+    def __init__(self, embed_dims, depths, patch_size, img_size=224, mlp_ratio=4.0, layer_scale_init=None,
+                 in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        assert img_size % (patch_size * 2 ** (len(depths) - 1)) == 0, \
+            f"img_size {img_size} must be a multiple of the total stride"
+        grid = img_size // patch_size
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages, done = [], 0
+        for i, depth in enumerate(depths):
+            stages.append(Stage(
+                in_chans if i == 0 else embed_dims[i - 1], embed_dims[i], patch_size if i == 0 else 2,
+                grid, depth, rates[done:done + depth], with_pos_embed=i == 0, drop=drop_rate,
+                mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init))
+            grid, done = grid // 2, done + depth
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.stages[0].pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"stages.0.pos_embed"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))  # norm, then average the tokens
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Map an official GFNet checkpoint (plain, or under 'model') onto our layout.
+
+    Official keys: isotropic `patch_embed.proj.*`, `blocks.{j}.*`; hierarchical `patch_embed.{i}.proj.*`,
+    `blocks.{i}.{j}.*`; `pos_embed` is (1, H*W, C) where our `stages.0.pos_embed` is (1, H, W, C).
+    """
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    isotropic = len(model.stages) == 1
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        key = re.sub(r"^patch_embed\.proj\.", "stages.0.downsample.", key)
+        key = re.sub(r"^patch_embed\.(\d+)\.proj\.", r"stages.\1.downsample.", key)
+        if isotropic:
+            key = re.sub(r"^blocks\.", "stages.0.blocks.", key)
+        else:
+            key = re.sub(r"^blocks\.(\d+)\.", r"stages.\1.blocks.", key)
+        if key == "pos_embed":
+            key, value = "stages.0.pos_embed", value.reshape(model.stages[0].pos_embed.shape)
+        out[key] = value
+    return out
+
+
+def _cfg(**kwargs):
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "stages.0.downsample", "classifier": "head", **kwargs}
+
+
+def _create(pretrained=False, checkpoint_path=None, **kwargs):
+    # timm.create_model keeps its own `checkpoint_path` (and loads it unfiltered), so through timm
+    # a local file comes as pretrained_cfg_overlay={"file": ...}
+    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
+    if pretrained and not checkpoint_path:
+        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file> to "
+                         "the model function, or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
+    for timm_only in ("pretrained_cfg", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    model = GFNet(**kwargs)
+    img_size = kwargs.get("img_size", 224)
+    model.pretrained_cfg = model.default_cfg = _cfg(input_size=(3, img_size, img_size))
+    if checkpoint_path:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint_filter_fn(state, model))
+    return model
+
+
+# Official configs (main_gfnet.py). Hierarchical: layer-scale init 1e-3 (H-Ti, the code's default),
+# 1e-5 (H-S), 1e-6 (H-B); the isotropic models have no layer scale.
+@register_model
+def gfnet_h_ti(pretrained=False, **kwargs):
+    """GFNet-H-Ti: widths 64/128/256/512, depths 3/3/10/3."""
+    kwargs = {"embed_dims": (64, 128, 256, 512), "depths": (3, 3, 10, 3), "patch_size": 4,
+              "layer_scale_init": 1e-3, **kwargs}
+    return _create(pretrained=pretrained, **kwargs)
+
+
+@register_model
+def gfnet_h_s(pretrained=False, **kwargs):
+    """GFNet-H-S: widths 96/192/384/768, depths 3/3/10/3."""
+    kwargs = {"embed_dims": (96, 192, 384, 768), "depths": (3, 3, 10, 3), "patch_size": 4,
+              "layer_scale_init": 1e-5, **kwargs}
+    return _create(pretrained=pretrained, **kwargs)
+
+
+@register_model
+def gfnet_h_b(pretrained=False, **kwargs):
+    """GFNet-H-B: widths 96/192/384/768, depths 3/3/27/3."""
+    kwargs = {"embed_dims": (96, 192, 384, 768), "depths": (3, 3, 27, 3), "patch_size": 4,
+              "layer_scale_init": 1e-6, **kwargs}
+    return _create(pretrained=pretrained, **kwargs)
+
+
+@register_model
+def gfnet_b(pretrained=False, **kwargs):
+    """GFNet-B (isotropic): width 512, depth 19, 16x16 patches."""
+    kwargs = {"embed_dims": (512,), "depths": (19,), "patch_size": 16, **kwargs}
+    return _create(pretrained=pretrained, **kwargs)

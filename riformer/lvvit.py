@@ -1,0 +1,315 @@
+"""LV-ViT (Jiang et al. 2021, "All Tokens Matter: Token Labeling for Training Better Vision Transformers").
+
+Two families share one model class, `LVViT`; they differ only in the patch embedding and in
+whether the token-labeling head takes part in inference:
+
+* `lvvit_ti/s/m/l`: the LV-ViTs that SiT uses as teachers (SiT §4.1: "the patch embedding replaced
+  by lightweight stacked convolutions inspired by LeViT"). The stem is a stack of 3x3 stride-2
+  conv+BN layers (4 of them; 6 for L, two of which keep the resolution), mlp ratio 3, SiT Table 2a
+  depths/widths/heads; `lvvit_l` is built at 288. Their token-labeling `aux_head` is kept (official
+  checkpoints have it, printed sizes count it) but unused: logits come from the class token only,
+  as in the official SiT code (which also sets requires_grad=False on it; left to the trainer here).
+* `lvvit_s_tl/m_tl/l_tl`: the original LV-ViT-S/M/L of the token-labeling paper (cited by SiT Table 3
+  and RePaFormer): a 7x7 conv + two 3x3 convs at 1/2 resolution, then an 8x8 stride-8 projection.
+  At inference the logits are `head(cls) + 0.5 * max over patches of aux_head(patch)`, as there.
+
+Every transformer block is pre-norm with residual branches divided by `skip_lam` (LV-ViT's
+"re-scaling" of residual connections), and no bias on the qkv projection.
+
+Parameter counts (all parameters, aux head included, see `tests/test_models_sit.py`): the original
+LV-ViT-S/M at 224 give 26.2M/55.8M and LV-ViT-L at 288 gives 150.1M (SiT Table 3); the SiT teachers
+are a different, smaller model (README of Sense-X/SiT: 15.7M/25.4M/55.2M/147M).
+
+Outputs: `forward(x)` returns logits (B, num_classes) in both modes. `forward_dense(x)` returns
+(class logits, per-patch aux logits (B, N, num_classes)) for token-labeling training, and
+`forward_block_tokens(x)` returns (logits, [patch tokens after each block]) — what a SiT student
+distils from in feature recalibration distillation (FRD).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import register_model
+
+__all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn",
+           "load_local_checkpoint", "unwrap_state_dict"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (no qkv bias, as LV-ViT) computed with SDPA."""
+
+    def __init__(self, dim, num_heads, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; each residual branch is divided by `skip_lam`."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=3., skip_lam=1., drop=0., attn_drop=0., drop_path=0.):
+        super().__init__()
+        self.skip_lam = skip_lam
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
+        x = x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        return x
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, in_chs, out_chs, kernel_size, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+
+
+class ConvStem(nn.Module):
+    """SiT's LeViT-like patch embedding: 3x3 conv+BN layers, GELU between them, overall stride 16.
+
+    `layers` lists (width divisor, stride): width = embed_dim // divisor.
+    """
+    FOUR = ((8, 2), (4, 2), (2, 2), (1, 2))
+    SIX = ((8, 2), (8, 1), (8, 1), (4, 2), (2, 2), (1, 2))  # SiT-L / LV-ViT-L teacher
+
+    def __init__(self, embed_dim, layers=FOUR, in_chans=3):
+        super().__init__()
+        convs, chs = [], in_chans
+        for divisor, stride in layers:
+            convs.append(ConvBN(chs, embed_dim // divisor, 3, stride))
+            chs = embed_dim // divisor
+        self.convs = nn.ModuleList(convs)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < len(self.convs) - 1:
+                x = self.act(x)
+        return x
+
+
+class TokenLabelingStem(nn.Module):
+    """The original LV-ViT patch embedding: 7x7/2 conv, two 3x3 convs (BN+ReLU), 8x8/8 projection."""
+
+    def __init__(self, embed_dim, width=64, in_chans=3):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvBN(in_chans, width, 7, 2), ConvBN(width, width, 3, 1),
+                                    ConvBN(width, width, 3, 1)])
+        self.act = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(width, embed_dim, kernel_size=8, stride=8)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.proj(x)
+
+
+def make_stem(stem, embed_dim, in_chans, stem_width=64):
+    if stem == "conv4":
+        return ConvStem(embed_dim, ConvStem.FOUR, in_chans)
+    if stem == "conv6":
+        return ConvStem(embed_dim, ConvStem.SIX, in_chans)
+    if stem == "token_labeling":
+        return TokenLabelingStem(embed_dim, stem_width, in_chans)
+    raise ValueError(f"unknown stem {stem!r}")
+
+
+def init_vit_weights(module):
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class LVViT(nn.Module):
+    def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=384, depth=16, num_heads=6,
+                 mlp_ratio=3., skip_lam=2., stem="conv4", stem_width=64, aux_head_in_eval=False,
+                 drop_rate=0., attn_drop_rate=0., drop_path_rate=0., **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.aux_head_in_eval = aux_head_in_eval
+        self.patch_embed = make_stem(stem, embed_dim, in_chans, stem_width)
+        self.grid_size = (img_size // 16, img_size // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, skip_lam, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Token-labeling head: one prediction per patch token (Jiang et al. 2021).
+        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(init_vit_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def embed(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        if pre_logits:
+            return x[:, 0]
+        logits = self.head(x[:, 0])
+        if self.aux_head_in_eval and not self.training:
+            logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(1)[0]
+        return logits
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_dense(self, x):
+        """(class-token logits, per-patch token-labeling logits (B, N, classes))."""
+        x = self.forward_features(x)
+        return self.head(x[:, 0]), self.aux_head(x[:, 1:])
+
+    def forward_block_tokens(self, x):
+        """(logits, list of the patch tokens (B, N, C) output by each block): the FRD targets."""
+        x = self.embed(x)
+        block_tokens = []
+        for block in self.blocks:
+            x = block(x)
+            block_tokens.append(x[:, 1:])
+        return self.forward_head(self.norm(x)), block_tokens
+
+
+def unwrap_state_dict(state_dict):
+    for key in ("model", "state_dict", "model_ema"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def rename_stem_key(key):
+    """patch_embed.conv{i}/bn{i} of the official code -> patch_embed.convs.{i-1}.conv/bn."""
+    parts = key.split(".")
+    if parts[0] != "patch_embed" or len(parts) < 3 or parts[1] == "proj":
+        return key
+    layer = parts[1]
+    kind = "conv" if layer.startswith("conv") else "bn"
+    index = int(layer[len(kind):]) - 1
+    return ".".join(["patch_embed", "convs", str(index), kind] + parts[2:])
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Map an official TokenLabeling / SiT LV-ViT checkpoint onto our module names."""
+    state_dict = unwrap_state_dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        key = rename_stem_key(key)
+        if key == "pos_embed" and value.shape != model.pos_embed.shape:
+            value = resize_pos_embed(value, model.pos_embed.shape[1] - 1)
+        out[key] = value
+    return out
+
+
+def resize_pos_embed(pos_embed, num_patches):
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    old, new = int(grid.shape[1] ** 0.5), int(num_patches ** 0.5)
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
+
+
+def load_local_checkpoint(model, checkpoint_path, filter_fn, strict=True):
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    return model.load_state_dict(filter_fn(state, model), strict=strict)
+
+
+def _cfg(img_size=224, crop_pct=0.9):
+    return {"num_classes": 1000, "input_size": (3, img_size, img_size), "crop_pct": crop_pct,
+            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "patch_embed.convs.0.conv", "classifier": "head"}
+
+
+def strip_timm_kwargs(kwargs):
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    return kwargs
+
+
+def _create(config, pretrained=False, checkpoint_path=None, **kwargs):
+    if pretrained and not checkpoint_path:
+        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file>")
+    kwargs = {**config, **strip_timm_kwargs(kwargs)}
+    model = LVViT(**kwargs)
+    model.pretrained_cfg = model.default_cfg = _cfg(kwargs.get("img_size", 224))
+    if checkpoint_path:
+        load_local_checkpoint(model, checkpoint_path, checkpoint_filter_fn)
+    return model
+
+
+# SiT's teachers (Sense-X/SiT models/lvvit.py): LeViT-like conv stems, SiT Table 2a shapes.
+SIT_TEACHERS = {
+    "ti": dict(embed_dim=320, depth=14, num_heads=5, skip_lam=2., stem="conv4"),
+    "s": dict(embed_dim=384, depth=16, num_heads=6, skip_lam=2., stem="conv4"),
+    "m": dict(embed_dim=512, depth=20, num_heads=8, skip_lam=2., stem="conv4"),
+    "l": dict(embed_dim=768, depth=24, num_heads=12, skip_lam=3., stem="conv6", img_size=288),
+}
+# The original token-labeling LV-ViTs (zihangJiang/TokenLabeling).
+TOKEN_LABELING = {
+    "lvvit_s_tl": dict(embed_dim=384, depth=16, num_heads=6, skip_lam=2., stem_width=64),
+    "lvvit_m_tl": dict(embed_dim=512, depth=20, num_heads=8, skip_lam=2., stem_width=64),
+    "lvvit_l_tl": dict(embed_dim=768, depth=24, num_heads=12, skip_lam=3., stem_width=128, img_size=288),
+}
+
+
+def _register(name, config, doc):
+    def build(pretrained=False, **kwargs):
+        return _create(config, pretrained=pretrained, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = doc
+    register_model(build)
+
+
+for _size, _config in SIT_TEACHERS.items():
+    _register(f"lvvit_{_size}", _config, f"SiT's LV-ViT-{_size.upper()} teacher: {_config}")
+for _name, _config in TOKEN_LABELING.items():
+    _register(_name, {**_config, "stem": "token_labeling", "aux_head_in_eval": True},
+              f"original token-labeling LV-ViT: {_config}")

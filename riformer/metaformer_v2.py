@@ -1,0 +1,169 @@
+"""MetaFormer-baselines models that timm lacks, and RIFormer's affine students on them.
+
+All are timm's `MetaFormer` (Yu et al., "MetaFormer Baselines for Vision": StarReLU MLPs
+without bias, res scale in stages 3-4, bias-free norms, linear head) with another token mixer:
+
+* IdentityFormer: identity mixer.
+* RandFormer: identity in stages 1-2, a frozen random token-mixing matrix in stages 3-4
+  (a softmax-normalised uniform matrix, as in the official code); its size is the token count,
+  so the model is built for one `img_size`.
+* AffineFormer: RIFormer Table 9's students, IdentityFormer with a training-time per-channel
+  affine mixer `affine(x) - x` (RIFormer Eq. 1) that `switch_to_deploy()` folds into the
+  block's first norm (Eq. 4), leaving an identity mixer.
+
+The block norm of these models, like the official `LayerNormGeneral(normalized_dim=(1, 2, 3),
+bias=False)`, normalises over (C, H, W) and has a per-channel weight but no bias. Eq. 4 gives
+the folded norm the bias beta' = beta (s - 1) + t = t, and there is no exact place for t
+elsewhere (the next norm is not invariant to a per-channel shift, and the residual carries
+it on), so the deployed norm is the same normalisation *with* a bias: C more parameters per
+block than an IdentityFormer, and still C fewer than the training form (s and t go away).
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d
+from timm.models import build_model_with_cfg, register_model
+from timm.models.metaformer import GroupNorm1NoBias, MetaFormer, MetaFormerBlock
+
+from riformer import metaformer as metaformer_v1
+
+__all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
+
+S12 = dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512))
+S18 = dict(depths=(3, 3, 9, 3), dims=(64, 128, 320, 512))
+
+
+class Affine(metaformer_v1.Affine):
+    """RIFormer's training-time mixer `affine(x) - x` (riformer/metaformer.py: a depthwise 1x1
+    conv holding s and t), taking the extra keyword arguments timm's MetaFormer passes mixers."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(dim)
+
+
+class RandomMixing(nn.Module):
+    """RandFormer's token mixer: a fixed random (N x N) matrix over the N tokens of the map,
+    rows softmax-normalised; frozen (a parameter without grad, so checkpoints carry it)."""
+    num_tokens = 196
+
+    def __init__(self, dim: int, num_tokens: Optional[int] = None, **kwargs):
+        super().__init__()
+        num_tokens = num_tokens or self.num_tokens
+        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1),
+                                          requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B, C, H, W
+        B, C, H, W = x.shape
+        if H * W != self.random_matrix.shape[0]:
+            raise ValueError(f"RandomMixing was built for {self.random_matrix.shape[0]} tokens, got {H}x{W}; "
+                             "build the model with the img_size it is run at")
+        return torch.einsum("mn,bcn->bcm", self.random_matrix, x.reshape(B, C, H * W)).reshape(B, C, H, W)
+
+
+def random_mixing_for(num_tokens: int) -> type:
+    """RandomMixing sized for `num_tokens`, as a class: timm's MetaFormer stages take mixer
+    classes (they test `issubclass`), so a `partial` will not do."""
+    return type(f"RandomMixing{num_tokens}", (RandomMixing,), {"num_tokens": num_tokens})
+
+
+def _norm_with_bias(norm: nn.Module) -> nn.Module:
+    """A fresh norm computing what `norm` computes, with a bias whatever `norm` has."""
+    if isinstance(norm, nn.GroupNorm):
+        fresh = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
+    elif isinstance(norm, LayerNorm2d):
+        fresh = LayerNorm2d(norm.normalized_shape[0], eps=norm.eps)
+    else:
+        raise TypeError(f"cannot fold an affine mixer into a {type(norm).__name__}")
+    return fresh.to(device=norm.weight.device, dtype=norm.weight.dtype)
+
+
+@torch.no_grad()
+def fold_affine_into_norm(norm: nn.Module, affine: Affine) -> nn.Module:
+    """The norm that equals `affine(norm(x)) - norm(x)` (RIFormer Eq. 4):
+    gamma' = gamma (s - 1), beta' = beta (s - 1) + t, with beta = 0 for a bias-free norm."""
+    s = affine.affine.weight.reshape(-1)
+    t = affine.affine.bias
+    folded = _norm_with_bias(norm)
+    folded.weight.copy_(norm.weight * (s - 1))
+    beta = norm.bias if norm.bias is not None else torch.zeros_like(t)
+    folded.bias.copy_(beta * (s - 1) + t)
+    return folded
+
+
+class AffineFormer(MetaFormer):
+    """MetaFormer whose blocks may carry an `Affine` mixer; `switch_to_deploy()` folds each
+    into the norm before it and replaces the mixer by an identity."""
+
+    def switch_to_deploy(self) -> None:
+        for block in self.modules():
+            if isinstance(block, MetaFormerBlock) and isinstance(block.token_mixer, Affine):
+                block.norm1 = fold_affine_into_norm(block.norm1, block.token_mixer)
+                block.token_mixer = nn.Identity()
+
+
+def _stage_token_counts(img_size, num_stages: int = 4):
+    """Tokens per stage of a MetaFormer: stem conv 7x7/4 pad 2, then 3x3/2 pad 1 downsamplings."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    h, w = (h - 3) // 4 + 1, (w - 3) // 4 + 1
+    counts = [h * w]
+    for _ in range(num_stages - 1):
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        counts.append(h * w)
+    return counts
+
+
+def _cfg(**kwargs):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 1.0, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "head.fc", **kwargs,
+    }
+
+
+default_cfgs = {name: _cfg() for name in (
+    "identityformer_s12", "identityformer_s18", "randformer_s12", "affineformer_s12", "affineformer_s18")}
+
+
+def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):
+    if pretrained:
+        raise ValueError(f"{variant}: no pretrained weights are available in this suite "
+                         "(no downloads); build it with pretrained=False and train or load a checkpoint")
+    model_args = dict(arch, token_mixers=token_mixers, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
+    return build_model_with_cfg(model_cls, variant, pretrained=False,
+                                feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+                                **dict(model_args, **kwargs))
+
+
+@register_model
+def identityformer_s12(pretrained=False, **kwargs) -> MetaFormer:
+    return _create("identityformer_s12", pretrained, nn.Identity, S12, **kwargs)
+
+
+@register_model
+def identityformer_s18(pretrained=False, **kwargs) -> MetaFormer:
+    """IdentityFormer at the S18 depths (3, 3, 9, 3) of ConvFormer/CAFormer-S18: the deploy-time
+    architecture of the 18-layer students (the MetaFormer-baselines paper has no S18 of it)."""
+    return _create("identityformer_s18", pretrained, nn.Identity, S18, **kwargs)
+
+
+@register_model
+def randformer_s12(pretrained=False, img_size=224, **kwargs) -> MetaFormer:
+    """RandFormer-S12; the random matrices of stages 3-4 are sized for `img_size`."""
+    tokens = _stage_token_counts(img_size)
+    mixers = [nn.Identity, nn.Identity, random_mixing_for(tokens[2]), random_mixing_for(tokens[3])]
+    return _create("randformer_s12", pretrained, mixers, S12, **kwargs)
+
+
+@register_model
+def affineformer_s12(pretrained=False, **kwargs) -> AffineFormer:
+    """RIFormer Table 9 student, 12 layers (teachers RandFormer-S12, PoolFormerV2-S12)."""
+    return _create("affineformer_s12", pretrained, Affine, S12, model_cls=AffineFormer, **kwargs)
+
+
+@register_model
+def affineformer_s18(pretrained=False, **kwargs) -> AffineFormer:
+    """RIFormer Table 9 student, 18 layers (teachers ConvFormer-S18, CAFormer-S18)."""
+    return _create("affineformer_s18", pretrained, Affine, S18, model_cls=AffineFormer, **kwargs)

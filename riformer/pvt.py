@@ -1,0 +1,259 @@
+"""PVT v1: Pyramid Vision Transformer (Wang et al., ICCV 2021), a RIFormer Table 6 baseline.
+
+Four stages of pre-norm transformer blocks on a feature pyramid (strides 4, 8, 16, 32). Each
+stage starts with a patch embedding (a strided conv + LayerNorm) and adds its own learned
+position embedding. Attention is *spatial-reduction attention* (SRA): keys and values come from
+the tokens downsampled by a strided conv of ratio `sr_ratio` (8, 4, 2, 1 per stage), so the
+attention map is N x N/r^2 instead of N x N. The last stage prepends a class token, which is
+what the classifier reads.
+
+The semantics (LayerNorm epsilons included) follow the official code (whai362/PVT,
+`classification/pvt.py`); the module layout is ours, and `checkpoint_filter_fn` maps the
+official keys onto it. The attention product uses `scaled_dot_product_attention`, which
+fvcore skips: its MACs are counted under the `fvcore+attn` convention
+(`reproduce/op_counters.py`), which is also how PVT's own `get_flops.py` adds them.
+"""
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from timm.models import register_model
+
+__all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys/values come from tokens downsampled by `sr_ratio`."""
+
+    def __init__(self, dim, num_heads, sr_ratio=1, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} is not a multiple of num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)  # eps 1e-5, as in the official code
+
+    def forward(self, x, height, width):
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        q = self.q(x).reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+        if self.sr_ratio > 1:
+            grid = x.transpose(1, 2).reshape(batch, dim, height, width)
+            x = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, dim)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x, height, width):
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: conv with kernel = stride = patch_size, then LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_chans, embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        x = self.proj(x)
+        height, width = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+class Stage(nn.Module):
+    """Patch embedding, position embedding (+ class token on the last stage), blocks."""
+
+    def __init__(self, in_chans, dim, patch_size, grid_size, depth, with_cls_token, drop_rate,
+                 drop_path_rates, **block_kwargs):
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
+        self.grid_size = grid_size  # the grid the position embedding is learned for
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size * grid_size + int(with_cls_token), dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = nn.ModuleList(
+            Block(dim, drop=drop_rate, drop_path=rate, **block_kwargs) for rate in drop_path_rates)
+
+    def _pos_embed(self, height, width):
+        """The position embedding, resized bilinearly when the grid is not the trained one."""
+        num_extra = int(self.cls_token is not None)
+        extra, grid = self.pos_embed[:, :num_extra], self.pos_embed[:, num_extra:]
+        if (height, width) != (self.grid_size, self.grid_size):
+            grid = grid.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(height, width), mode="bilinear")
+            grid = grid.flatten(2).transpose(1, 2)
+        return torch.cat([extra, grid], dim=1)
+
+    def forward(self, x):
+        x, height, width = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self._pos_embed(height, width))
+        for block in self.blocks:
+            x = block(x, height, width)
+        if self.cls_token is not None:
+            return x  # tokens (class token first) for the head
+        return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+
+
+class PyramidVisionTransformer(nn.Module):
+    def __init__(self, depths, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
+                 mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size=4, img_size=224,
+                 in_chans=3, num_classes=1000, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
+                 drop_path_rate=0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages, grid, done = [], img_size // patch_size, 0
+        for i, depth in enumerate(depths):
+            stages.append(Stage(
+                in_chans=in_chans if i == 0 else embed_dims[i - 1], dim=embed_dims[i],
+                patch_size=patch_size if i == 0 else 2, grid_size=grid, depth=depth,
+                with_cls_token=i == len(depths) - 1, drop_rate=drop_rate,
+                drop_path_rates=rates[done:done + depth], num_heads=num_heads[i],
+                mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
+                attn_drop=attn_drop_rate))
+            grid, done = grid // 2, done + depth
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=0.02)
+        trunc_normal_(self.stages[-1].cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {f"stages.{len(self.stages) - 1}.cls_token"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        x = x[:, 0]  # the class token
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# official key -> ours: patch_embed{i}. -> stages.{i-1}.patch_embed., block{i}. -> stages.{i-1}.blocks.,
+# pos_embed{i} -> stages.{i-1}.pos_embed, cls_token -> stages.3.cls_token
+_OFFICIAL_KEYS = [
+    (re.compile(r"^patch_embed(\d)\."), lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed."),
+    (re.compile(r"^block(\d)\."), lambda m: f"stages.{int(m.group(1)) - 1}.blocks."),
+    (re.compile(r"^pos_embed(\d)$"), lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed"),
+]
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Map an official PVT v1 checkpoint (plain, or under 'model'/'state_dict') onto our layout."""
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, replace in _OFFICIAL_KEYS:
+            key = pattern.sub(replace, key)
+        if key == "cls_token":
+            key = f"stages.{len(model.stages) - 1}.cls_token"
+        out[key] = value
+    return out
+
+
+def _cfg(**kwargs):
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "stages.0.patch_embed.proj", "classifier": "head", **kwargs}
+
+
+def _create(depths, pretrained=False, checkpoint_path=None, **kwargs):
+    # timm.create_model keeps its own `checkpoint_path` (and loads it unfiltered), so through timm
+    # a local file comes as pretrained_cfg_overlay={"file": ...}
+    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
+    if pretrained and not checkpoint_path:
+        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file> to "
+                         "the model function, or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
+    for timm_only in ("pretrained_cfg", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    model = PyramidVisionTransformer(depths, **kwargs)
+    model.pretrained_cfg = model.default_cfg = _cfg()
+    if checkpoint_path:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint_filter_fn(state, model))
+    return model
+
+
+# Official configs: widths 64/128/320/512, heads 1/2/5/8, MLP ratios 8/8/4/4, SR ratios 8/4/2/1.
+@register_model
+def pvt_v1_small(pretrained=False, **kwargs):
+    """PVT-Small: depths 3/4/6/3."""
+    return _create((3, 4, 6, 3), pretrained=pretrained, **kwargs)
+
+
+@register_model
+def pvt_v1_medium(pretrained=False, **kwargs):
+    """PVT-Medium: depths 3/4/18/3."""
+    return _create((3, 4, 18, 3), pretrained=pretrained, **kwargs)
+
+
+@register_model
+def pvt_v1_large(pretrained=False, **kwargs):
+    """PVT-Large: depths 3/8/27/3."""
+    return _create((3, 8, 27, 3), pretrained=pretrained, **kwargs)
