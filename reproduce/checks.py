@@ -12,7 +12,7 @@ from pathlib import Path
 import timm
 
 from reproduce import measure, report
-from reproduce.registry import RegistryError, load_table
+from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
 
 STATIC = ("params", "macs")
@@ -25,13 +25,15 @@ def table_coverage(spec) -> dict[str, str]:
     total, can = Counter(), Counter()
     for ref in spec.reference.itertuples():
         kind = kinds[ref.column]
-        kind = "static" if kind in STATIC else "throughput" if kind in ("gain", "ratio") else kind
+        if kind in DERIVED_KINDS:
+            kind = spec.columns[spec.columns[ref.column].of].kind
+        kind = "static" if kind in STATIC else kind
         row = spec.rows[ref.row]
         total[kind] += 1
         if kind == "setting":
             can[kind] += bool((spec.columns[ref.column].source or row.source)) and not row.cited
         elif kind == "accuracy":
-            can[kind] += bool(row.recipe)  # measurable with ImageNet and the recipe
+            can[kind] += bool(row.recipe and (RECIPES / row.recipe).exists())  # given ImageNet
         else:
             can[kind] += bool(row.model in known and not row.cited and not row.pending)
     cov = {k: (f"{can[k]}/{total[k]}" if total[k] else "–") for k in ("static", "throughput", "accuracy", "setting")}
@@ -64,6 +66,8 @@ def check_results(path: Path, remeasure: bool = False) -> tuple[list[str], list[
     recorded = {(r.row, r.column): r for r in frame.itertuples()}
     for ref in spec.reference.itertuples():
         cell = recorded.get((ref.row, ref.column))
+        if cell is None and ref.reported in NOT_REPORTED:
+            continue
         if cell is None:
             problems.append(f"{ref.row}/{ref.column}: no result line (run `reproduce table {spec.id}`)")
             continue

@@ -82,16 +82,19 @@ def list_tables():
     """Every table, its source and how much of it the suite can fill."""
     from reproduce.checks import table_coverage
 
-    grid = Table("table", "paper table", "title", "static", "throughput", "accuracy", "settings", "results")
+    grid = Table("table", "paper", "static", "throughput", "accuracy", "settings", "results", "title",
+                 caption="a/b: printed cells the suite can fill here / all printed cells of that kind; "
+                         "results: statuses of the last run (✓ match ≈ within tolerance ✗ mismatch … pending c cited)")
+    grid.columns[-1].no_wrap, grid.columns[-1].overflow, grid.columns[-1].max_width = True, "ellipsis", 36
     for table_id in table_ids():
         try:
             spec = load_table(table_id)
         except RegistryError as e:
-            grid.add_row(table_id, "", f"[red]{e}[/]", "", "", "", "", "")
+            grid.add_row(table_id, "", "", "", "", "", "", f"[red]{e}[/]")
             continue
         cov = table_coverage(spec)
-        grid.add_row(table_id, f"{spec.paper} {spec.number}", spec.title[:48], cov["static"], cov["throughput"],
-                     cov["accuracy"], cov["setting"], cov["results"])
+        grid.add_row(table_id, f"{spec.paper} T{spec.number}", cov["static"], cov["throughput"],
+                     cov["accuracy"], cov["setting"], cov["results"], spec.title)
     out.print(grid)
 
 

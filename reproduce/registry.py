@@ -22,10 +22,12 @@ REFERENCE_DIR = ROOT / "results" / "reference"
 
 REFERENCE_COLUMNS = ["table", "row", "label", "group", "column", "reported", "unit",
                      "epochs_600", "finetuned_384", "cnn_teacher", "in22k", "note"]
-COLUMN_KINDS = ("setting", "params", "macs", "throughput", "gain", "ratio", "accuracy")
+COLUMN_KINDS = ("setting", "params", "macs", "throughput", "gain", "ratio", "difference", "accuracy")
+DERIVED_KINDS = ("gain", "ratio", "difference")   # computed from two other cells
+NOT_REPORTED = ("-", "–", "—")                        # a printed dash: the paper has no value there
 # Absolute tolerance in the column's unit when a spec gives none; None = never compared.
 DEFAULT_TOLERANCE = {"setting": 0.0, "params": 0.1, "macs": 0.1, "throughput": None, "gain": 5.0,
-                     "ratio": 0.2, "accuracy": 0.3}
+                     "ratio": 0.2, "difference": 0.3, "accuracy": 0.3}
 PAPERS = ("riformer", "repaformer", "sit")
 
 
@@ -43,6 +45,7 @@ class ColumnSpec:
     of: str | None = None          # gain/ratio: numerator column
     over: str | None = None        # gain/ratio: denominator column of the same row
     over_row: str | None = None    # gain/ratio: "baseline" = the same column in the row's baseline
+    model_from: str | None = None  # measure the model named in this row field (e.g. teacher)
     source: str | None = None      # setting: where the value comes from
     values: dict | None = None     # setting: value -> printed form
     recipe: str | None = None      # setting: recipe used for every row of this column (Table 10)
@@ -125,9 +128,9 @@ def _column(path, cid, data) -> ColumnSpec:
     _check_fields(path, f"column '{cid}'", data, _COLUMN_FIELDS)
     if data.get("kind") not in COLUMN_KINDS:
         _fail(path, f"column '{cid}' has kind {data.get('kind')!r}; expected one of {COLUMN_KINDS}")
-    if data["kind"] in ("gain", "ratio") and not data.get("of"):
+    if data["kind"] in DERIVED_KINDS and not data.get("of"):
         _fail(path, f"column '{cid}' ({data['kind']}) needs 'of:'")
-    if data["kind"] in ("gain", "ratio") and not (data.get("over") or data.get("over_row")):
+    if data["kind"] in DERIVED_KINDS and not (data.get("over") or data.get("over_row")):
         _fail(path, f"column '{cid}' ({data['kind']}) needs 'over:' or 'over_row: baseline'")
     if data.get("form") not in (None, "train", "deploy"):
         _fail(path, f"column '{cid}' has form {data['form']!r}; expected train or deploy")
@@ -181,6 +184,9 @@ def load_table(table_id: str) -> TableSpec:
     for row in rows.values():
         if row.baseline and row.baseline not in rows:
             _fail(path, f"row '{row.id}' has baseline '{row.baseline}', which is not a row")
+        for col in columns.values():
+            if col.model_from and col.model_from not in row.settings and not (row.cited or row.pending):
+                _fail(path, f"row '{row.id}' lacks field '{col.model_from}' that column '{col.id}' measures")
     for col in columns.values():
         for ref_col in (col.of, col.over):
             if ref_col and ref_col not in columns:

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import tempfile
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -44,7 +45,33 @@ def parse_number(text) -> tuple[float, int] | None:
 
 
 def _norm_text(value) -> str:
-    return re.sub(r"\s+", " ", str(value).translate(_MINUS)).strip().lower()
+    """Settings compare without case, spaces or bracket style: {1,1,1,11} == [1, 1, 1, 11]."""
+    text = str(value).translate(_MINUS).lower().translate(str.maketrans("{}()", "[][]"))
+    return re.sub(r"\s+", "", text)
+
+
+def round_half_up(value: float, decimals: int) -> float:
+    """Rounding as papers print: 24.5 -> 25 (Python's round() would give 24)."""
+    quantum = Decimal(1).scaleb(-decimals)
+    return float(Decimal(repr(float(value))).quantize(quantum, rounding=ROUND_HALF_UP))
+
+
+def coarser_printing(reported: str, measured: float) -> str | None:
+    """How a printed value that rounding does not give can still come from `measured`.
+
+    Papers often truncate (86.57 M printed as 86) or round twice (24.49 -> 24.5 -> 25, when a
+    number is copied from another paper that printed one more decimal). Returns which, or None.
+    """
+    ref = parse_number(reported)
+    if ref is None:
+        return None
+    value, decimals = ref
+    scale = 10 ** decimals
+    if math.floor(abs(measured) * scale + 1e-9) / scale == abs(value) and (measured >= 0) == (value >= 0):
+        return "truncated"
+    if round_half_up(round_half_up(measured, decimals + 1), decimals) == value:
+        return "rounded twice"
+    return None
 
 
 def compare(reported: str, measured, tolerance: float | None, kind: str) -> tuple[str, float | None]:
@@ -59,9 +86,9 @@ def compare(reported: str, measured, tolerance: float | None, kind: str) -> tupl
         return "mismatch", None
     value, decimals = ref
     delta = float(measured) - value
-    if round(float(measured), decimals) == round(value, decimals):
+    if round_half_up(float(measured), decimals) == value:
         return "match", delta
-    if tolerance is not None and abs(delta) <= tolerance + 1e-9:
+    if tolerance is not None and (abs(delta) <= tolerance + 1e-9 or coarser_printing(reported, float(measured))):
         return "within_tolerance", delta
     return "mismatch", delta
 

@@ -10,17 +10,19 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reproduce import measure, report
-from reproduce.registry import ROOT, TableSpec, load_protocol, load_recipe
+from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, load_protocol, load_recipe
 
 RESULTS_DIR = ROOT / "results"
 RUNS_DIR = ROOT / "runs"
-CACHE_DIR = ROOT / ".cache" / "measurements"
+CACHE_DIR = Path(os.environ.get("REPRODUCE_CACHE", ROOT / ".cache" / "measurements"))
 MEASURABLE = ("params", "macs", "throughput")
 
 
@@ -37,8 +39,8 @@ def source_fingerprint() -> str:
 class MeasurementCache:
     """One JSON file per measurement, keyed by everything the number depends on."""
 
-    def __init__(self, folder: Path = CACHE_DIR, enabled: bool = True):
-        self.folder, self.enabled = Path(folder), enabled
+    def __init__(self, folder: Path | None = None, enabled: bool = True):
+        self.folder, self.enabled = Path(folder or CACHE_DIR), enabled
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
@@ -69,6 +71,25 @@ def _dig(data, dotted: str):
     return data
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one measured cell measures: a model in a form at a size (hashable, for grouping)."""
+    row: str
+    role: str          # "" for the row's model, else the row field the column names (e.g. teacher)
+    model: str | None
+    kwargs: str        # JSON of the model kwargs
+    img_size: int
+    form: str
+    convention: str
+
+    @property
+    def label(self) -> str:
+        return self.row + (f" ({self.role})" if self.role else "") + (f" [{self.form}]" if self.form != "train" else "")
+
+    def build(self, for_counting=False):
+        return measure.build_model(self.model, json.loads(self.kwargs), self.form, for_counting=for_counting)
+
+
 class TableRun:
     """Measures the cells of `spec` whose column kinds are in `kinds` on `device`."""
 
@@ -82,7 +103,7 @@ class TableRun:
         self.protocol_spec = load_protocol(spec.protocol) if spec.protocol else None
         self.values: dict[tuple[str, str], float] = {}   # (row, column) -> measured number
         self.notes: dict[tuple[str, str], str] = {}
-        self.failures: dict[str, str] = {}                # row -> why its model could not be measured
+        self.failures: dict[Target, str] = {}             # why a target could not be measured
         self._models: dict[str, object] = {}              # model whose attributes settings read
         self.protocols_used: dict[int, measure.Protocol] = {}
         self.env = measure.environment(self.device)
@@ -91,60 +112,69 @@ class TableRun:
     def wanted(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
 
-    def measurable_rows(self):
-        return [r for r in self.spec.rows.values() if not (r.cited or r.pending) and r.model]
-
-    def _form(self, row, column) -> str:
-        return column.form or row.form
+    def target(self, row, column) -> Target:
+        model = row.settings.get(column.model_from) if column.model_from else row.model
+        return Target(row.id, column.model_from or "", model, json.dumps(row.model_kwargs, sort_keys=True),
+                      row.img_size, column.form or row.form, row.macs_convention)
 
     def _needed_cells(self, kinds) -> list[tuple]:
-        """(row, column) pairs of these kinds that the reference prints or a gain/ratio needs."""
-        cells = set(zip(self.spec.reference["row"], self.spec.reference["column"]))
+        """(row, column) pairs of these kinds that the reference prints or a derived column needs."""
+        cells = {(r, c) for r, c, v in zip(self.spec.reference["row"], self.spec.reference["column"],
+                                           self.spec.reference["reported"]) if v not in NOT_REPORTED}
         for row_id, col_id in list(cells):
             column = self.spec.columns[col_id]
-            if column.kind in ("gain", "ratio"):
+            if column.kind in DERIVED_KINDS:
                 cells.add((row_id, column.of))
                 if column.over:
                     cells.add((row_id, column.over))
                 elif self.spec.rows[row_id].baseline:
                     cells.add((self.spec.rows[row_id].baseline, column.of))
-        rows = {r.id: r for r in self.measurable_rows()}
-        return [(rows[r], self.spec.columns[c]) for r, c in sorted(cells)
-                if r in rows and self.spec.columns[c].kind in kinds]
+        out = []
+        for row_id, col_id in sorted(cells):
+            row, column = self.spec.rows[row_id], self.spec.columns[col_id]
+            if column.kind in kinds and not (row.cited or row.pending) and self.target(row, column).model:
+                out.append((row, column))
+        return out
+
+    def _measure_or_fail(self, target, fn):
+        """Run fn(); on failure remember why for the target's cells and return None."""
+        if target in self.failures:
+            return None
+        try:
+            return fn()
+        except measure.ModelNotImplemented as e:
+            self.failures[target] = str(e)
+        except Exception as e:  # a broken model must not stop the table; its cells say why
+            self.failures[target] = f"measurement failed: {type(e).__name__}: {e}"
+        return None
 
     # -- static columns ---------------------------------------------------------------------------
-    def _static_key(self, row, form, kind, column):
-        return measure.cache_key(kind=kind, model=row.model, kwargs=row.model_kwargs, form=form,
-                                 img_size=row.img_size if kind == "macs" else None,
-                                 convention=row.macs_convention if kind == "macs" else None,
-                                 code=self.fingerprint)
-
     def measure_static(self, progress):
         cells = self._needed_cells([k for k in ("params", "macs") if self.wanted(k)])
-        groups: dict[tuple, list] = {}
+        groups: dict[Target, list] = {}
         for row, column in cells:
-            groups.setdefault((row.id, self._form(row, column)), []).append((row, column))
+            groups.setdefault(self.target(row, column), []).append(column)
         task = progress.add_task(f"{self.spec.id}: params & MACs", total=len(groups))
-        for (row_id, form), members in groups.items():
-            progress.update(task, description=f"{self.spec.id}: params & MACs · {row_id} ({form})")
+        for target, columns in groups.items():
+            progress.update(task, description=f"{self.spec.id}: params & MACs · {target.label}")
             model = None
-            for row, column in members:
-                key = self._static_key(row, form, column.kind, column)
+            for column in columns:
+                macs = column.kind == "macs"
+                key = measure.cache_key(kind=column.kind, model=target.model, kwargs=target.kwargs, form=target.form,
+                                        img_size=target.img_size if macs else None,
+                                        convention=target.convention if macs else None, code=self.fingerprint)
                 value = self.cache.get(key)
-                if value is None and row.id not in self.failures:
-                    try:
-                        model = model or measure.build_model(row.model, row.model_kwargs, form, for_counting=True)
-                        value = (measure.count_params(model) if column.kind == "params"
-                                 else measure.count_macs(model, row.img_size, row.macs_convention))
-                    except measure.ModelNotImplemented as e:
-                        self.failures[row.id] = str(e)
-                        continue
-                    except Exception as e:  # a broken model must not stop the table; it is reported
-                        self.failures[row.id] = f"measurement failed: {type(e).__name__}: {e}"
-                        continue
+                if value is None:
+                    model = model or self._measure_or_fail(target, lambda: target.build(for_counting=True))
+                    if model is None:
+                        break
+                    value = self._measure_or_fail(
+                        target, lambda: measure.count_macs(model, target.img_size, target.convention) if macs
+                        else measure.count_params(model))
+                    if value is None:
+                        break
                     self.cache.put(key, value)
-                if value is not None:
-                    self.values[(row.id, column.id)] = value
+                self.values[(target.row, column.id)] = value
             del model
             progress.advance(task)
 
@@ -154,76 +184,66 @@ class TableRun:
             self.protocols_used[img_size] = measure.Protocol.for_device(self.protocol_spec, self.device, img_size)
         return self.protocols_used[img_size]
 
-    def _throughput_units(self):
-        """(row, form) to time, and the pairs whose ratio a gain/ratio column reports."""
-        cells = self._needed_cells(["throughput"])
-        units = {(row.id, self._form(row, column)): row for row, column in cells}
+    def _throughput_pairs(self, targets) -> list[tuple[Target, Target]]:
+        """Pairs of targets whose throughput ratio a gain/ratio column reports."""
         pairs = []
-        for col in self.spec.columns_of_kind("gain", "ratio"):
-            if self.spec.columns[col.of].kind != "throughput":
+        for col in self.spec.columns_of_kind(*DERIVED_KINDS):
+            of = self.spec.columns[col.of]
+            if of.kind != "throughput":
                 continue
-            for row in self.measurable_rows():
-                a = (row.id, self._form(row, self.spec.columns[col.of]))
+            for row in self.spec.rows.values():
                 if col.over:
-                    b = (row.id, self._form(row, self.spec.columns[col.over]))
-                elif row.baseline and row.baseline in self.spec.rows:
-                    base = self.spec.rows[row.baseline]
-                    b = (base.id, self._form(base, self.spec.columns[col.of]))
+                    a, b = self.target(row, of), self.target(row, self.spec.columns[col.over])
+                elif row.baseline:
+                    a, b = self.target(row, of), self.target(self.spec.rows[row.baseline], of)
                 else:
                     continue
-                if a in units and b in units and (a, b) not in pairs and (b, a) not in pairs:
+                if a in targets and b in targets and a != b and (a, b) not in pairs and (b, a) not in pairs:
                     pairs.append((a, b))
-        return units, pairs, cells
+        return pairs
 
     def measure_throughput(self, progress):
         if self.protocol_spec is None:
             return
-        units, pairs, cells = self._throughput_units()
-        results: dict[tuple, dict] = {}
+        cells = self._needed_cells(["throughput"])
+        targets = {self.target(row, column) for row, column in cells}
+        results: dict[Target, dict] = {}
 
-        def key(unit):
-            row = units[unit]
-            proto = self._protocol(row.img_size)
-            return measure.cache_key(kind="throughput", model=row.model, kwargs=row.model_kwargs, form=unit[1],
-                                     img_size=row.img_size, protocol=proto.__dict__,
+        def key(t: Target):
+            return measure.cache_key(kind="throughput", model=t.model, kwargs=t.kwargs, form=t.form,
+                                     img_size=t.img_size, protocol=self._protocol(t.img_size).__dict__,
                                      device=measure.device_tag(self.device), code=self.fingerprint)
 
-        for unit in units:
-            cached = self.cache.get(key(unit))
-            if cached:
-                results[unit] = cached
+        for t in targets:
+            if cached := self.cache.get(key(t)):
+                results[t] = cached
         # Time each pair interleaved (a, b, a, b, ...) so that drift in the machine's speed hits
-        # both sides of a gain alike; then the units that are in no pair.
-        groups = [list(p) for p in pairs] + [[u] for u in units if not any(u in p for p in pairs)]
-        todo = [[u for u in g if u not in results] for g in groups]
-        todo = [g for g in todo if g]
+        # both sides of a gain alike; then the targets that are in no pair.
+        pairs = self._throughput_pairs(targets)
+        groups = [list(p) for p in pairs] + [[t] for t in sorted(targets, key=str) if not any(t in p for p in pairs)]
+        todo = [g for g in ([t for t in g if t not in results] for g in groups) if g]
         task = progress.add_task(f"{self.spec.id}: throughput", total=len(todo))
         for group in todo:
-            group = [u for u in group if u not in results and units[u].id not in self.failures]
-            progress.update(task, description=f"{self.spec.id}: throughput · {' vs '.join(r for r, _ in group)}")
+            group = [t for t in group if t not in results]
+            progress.update(task, description=f"{self.spec.id}: throughput · {' vs '.join(t.label for t in group)}")
             timers = {}
-            for unit in group:
-                row = units[unit]
-                try:
-                    model = measure.build_model(row.model, row.model_kwargs, unit[1])
-                    timers[unit] = measure.Timer(model, row.img_size, self._protocol(row.img_size), self.device)
-                except measure.ModelNotImplemented as e:
-                    self.failures[row.id] = str(e)
-                except Exception as e:
-                    self.failures[row.id] = f"throughput failed: {type(e).__name__}: {e}"
-            samples = {u: [] for u in timers}
-            for _ in range(max((t.protocol.repeats for t in timers.values()), default=0)):
-                for unit, timer in timers.items():
-                    samples[unit].append(timer.sample())
-            for unit, timer in timers.items():
-                result = {**measure.summarize(samples[unit]), "batch_size": timer.batch_size,
-                          "notes": timer.notes, "interleaved_with": [u[0] for u in timers if u != unit]}
-                results[unit] = result
-                self.cache.put(key(unit), result)
+            for t in group:
+                timer = self._measure_or_fail(
+                    t, lambda: measure.Timer(t.build(), t.img_size, self._protocol(t.img_size), self.device))
+                if timer:
+                    timers[t] = timer
+            samples = {t: [] for t in timers}
+            for _ in range(max((timer.protocol.repeats for timer in timers.values()), default=0)):
+                for t, timer in timers.items():
+                    samples[t].append(timer.sample())
+            for t, timer in timers.items():
+                results[t] = {**measure.summarize(samples[t]), "batch_size": timer.batch_size, "notes": timer.notes,
+                              "interleaved_with": [u.label for u in timers if u != t]}
+                self.cache.put(key(t), results[t])
             timers.clear()
             progress.advance(task)
         for row, column in cells:
-            result = results.get((row.id, self._form(row, column)))
+            result = results.get(self.target(row, column))
             if result:
                 self.values[(row.id, column.id)] = result["img_per_s"]
                 spread = (f"batch {result['batch_size']}, median of {len(result['samples'])} timings, "
@@ -239,8 +259,10 @@ class TableRun:
             over = self.values.get((row.baseline, column.of))
         else:
             return None
-        if of is None or over is None or over == 0:
+        if of is None or over is None or (over == 0 and column.kind != "difference"):
             return None
+        if column.kind == "difference":
+            return of - over
         return 100.0 * (of / over - 1.0) if column.kind == "gain" else of / over
 
     def setting_value(self, row, column):
@@ -255,7 +277,7 @@ class TableRun:
         elif source.startswith("model_kwargs."):
             value = _dig(row.model_kwargs, source[len("model_kwargs."):])
         elif source.startswith("model."):
-            value = self._model_attribute(row, source[len("model."):])
+            value = self._model_attribute(row, column, source[len("model."):])
         elif source in ("img_size", "model", "form", "macs_convention", "baseline"):
             value = getattr(row, source)
         else:
@@ -266,20 +288,22 @@ class TableRun:
                 return str(v)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
-    def _model_attribute(self, row, attribute):
+    def _model_attribute(self, row, column, attribute):
         """An architecture setting read off the built model (e.g. embed_dim), not off the spec."""
-        if not row.model:
+        target = self.target(row, column)
+        if not target.model:
             raise KeyError("the row has no model")
-        if row.id not in self._models:
+        if target.model not in self._models:
             self._models.clear()  # keep one model alive at a time
-            self._models[row.id] = measure.build_model(row.model, row.model_kwargs, row.form)
-        value = getattr(self._models[row.id], attribute, None)
+            self._models[target.model] = target.build()
+        value = getattr(self._models[target.model], attribute, None)
         if value is None:
             raise KeyError(f"{row.model} has no attribute '{attribute}'")
         return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else value
 
     def accuracy_value(self, row, column):
-        path = RUNS_DIR / self.spec.id / row.id / "result.json"
+        run = row.id + (f"--{column.model_from}" if column.model_from else "")
+        path = RUNS_DIR / self.spec.id / run / "result.json"
         if not path.exists():
             return None
         result = json.loads(path.read_text())
@@ -288,10 +312,27 @@ class TableRun:
         return result.get(column.source or "top1")
 
     # -- the cells --------------------------------------------------------------------------------
-    def cell(self, ref) -> dict:
+    def base_kind(self, column) -> str:
+        """The measured kind behind a column: a derived column counts as the kind of its operand."""
+        return self.spec.columns[column.of].kind if column.kind in DERIVED_KINDS else column.kind
+
+    def pending_accuracy_note(self, row, column) -> str:
+        if column.kind in DERIVED_KINDS:
+            return f"pending: computed from {column.of} and {column.over or 'the baseline row'}, which need ImageNet-1k"
+        if row.recipe and not column.model_from and (RECIPES / row.recipe).exists():
+            return f"needs ImageNet-1k: `{accuracy_command(self.spec, row.id)}`"
+        model = self.target(row, column).model or "MODEL"
+        run = row.id + (f"--{column.model_from}" if column.model_from else "")
+        return (f"needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
+                f"--data /path/to/imagenet --output runs/{self.spec.id}/{run}`")
+
+    def cell(self, ref) -> dict | None:
+        if ref.reported in NOT_REPORTED:
+            return None  # the paper prints a dash: nothing to reproduce
         row, column = self.spec.rows[ref.row], self.spec.columns[ref.column]
-        base = {"table": self.spec.id, "row": row.id, "model": row.model or "", "column": column.id,
-                "reported": ref.reported, "unit": ref.unit or column.unit, "measured": "", "delta": ""}
+        base = {"table": self.spec.id, "row": row.id, "model": self.target(row, column).model or "",
+                "column": column.id, "reported": ref.reported, "unit": ref.unit or column.unit,
+                "measured": "", "delta": ""}
         notes = [n for n in (row.note, row.cell_notes.get(column.id, ""), column.note) if n]
 
         def done(status, measured=None, extra=None):
@@ -301,6 +342,9 @@ class TableRun:
                 state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind)
                 base.update(measured=report.format_measured(measured, ref.reported),
                             delta=report.format_delta(delta, ref.reported))
+                how = report.coarser_printing(ref.reported, measured) if state == "within_tolerance" else None
+                if how:
+                    notes.insert(0, f"the printed value is the measured one {how} at the printed precision.")
                 status = status or state
             return {**base, "status": status, "note": " ".join(notes)}
 
@@ -313,28 +357,26 @@ class TableRun:
                 return done("pending", extra=f"pending: {e}")
             except (KeyError, OSError, ValueError) as e:
                 return done("pending", extra=f"setting not resolvable yet ({e}); fix the spec or recipe")
-        if column.kind == "accuracy":
-            value = self.accuracy_value(row, column)
-            if value is not None:
-                return done(None, value)
-            if row.recipe:
-                return done("pending", extra=f"needs ImageNet-1k: `{accuracy_command(self.spec, row.id)}`")
-            return done("pending", extra="needs ImageNet-1k and a training recipe the suite does not have yet")
+        kind = self.base_kind(column)
+        value = (self.derived_value(row, column) if column.kind in DERIVED_KINDS
+                 else self.values.get((row.id, column.id)))
+        if kind == "accuracy":
+            return done(None, value) if value is not None else done("pending", extra=self.pending_accuracy_note(row, column))
         if row.pending:
             return done("pending", extra=f"pending: {row.pending}")
-        if not row.model:
+        target = self.target(row, column)
+        if not target.model:
             return done("pending", extra="pending: model not implemented")
-        if row.id in self.failures:
-            return done("pending", extra=f"pending: {self.failures[row.id]}")
-        if column.kind in ("gain", "ratio"):
-            value = self.derived_value(row, column)
-        else:
-            value = self.values.get((row.id, column.id))
+        failure = self.failures.get(target) or (
+            column.kind in DERIVED_KINDS and next((f for t, f in self.failures.items() if t.row in
+                                                   (row.id, row.baseline)), None))
+        if value is None and failure:
+            return done("pending", extra=f"pending: {failure}")
         if value is None:
-            if not self.wanted(column.kind if column.kind not in ("gain", "ratio") else "throughput"):
+            if not self.wanted(kind):
                 return None  # not asked for this time: keep what the previous results said
-            return done("pending", extra="pending: not measured (no throughput protocol for this table)"
-                        if column.kind in ("throughput", "gain", "ratio") and not self.protocol_spec
+            no_protocol = kind == "throughput" and not self.protocol_spec
+            return done("pending", extra="pending: no throughput protocol for this table" if no_protocol
                         else "pending: not measured")
         if column.kind == "throughput":
             return self._throughput_cell(ref, value, done)
@@ -351,7 +393,16 @@ class TableRun:
                     f"({extra}); the gain columns carry the comparison; to compare absolutes run "
                     f"`reproduce table {self.spec.id} --columns throughput --device cuda` on {paper_device}.")
 
+    def collect_accuracy(self):
+        for ref in self.spec.reference.itertuples():
+            row, column = self.spec.rows[ref.row], self.spec.columns[ref.column]
+            if column.kind == "accuracy" and not row.cited:
+                value = self.accuracy_value(row, column)
+                if value is not None:
+                    self.values[(row.id, column.id)] = value
+
     def run(self) -> pd.DataFrame:
+        self.collect_accuracy()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=not self.show_progress, transient=True) as progress:
             if self.wanted("params") or self.wanted("macs"):

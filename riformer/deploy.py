@@ -47,7 +47,7 @@ def deploy(model: nn.Module) -> nn.Module:
         return model
     for module in pending:
         module.switch_to_deploy()
-    return model
+    return model.eval()  # modules a fold created start in training mode; the model was in eval
 
 
 def has_deploy_form(model: nn.Module) -> bool:

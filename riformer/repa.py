@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block as ViTBlock
 
 from riformer import lvvit, metaformer
 
-__all__ = ["ChannelIdleFFN", "num_active_channels", "fold_layer_scales"]
+__all__ = ["ChannelIdleFFN", "num_active_channels", "VARIANTS"]
 
 
 def num_active_channels(hidden_dim: int, dim: int, idle_ratio: Optional[float]) -> int:
@@ -185,6 +185,7 @@ class ChannelIdleFFN(nn.Module):
         self.layer_scale = None
         self.drop_path = nn.Identity()
         self.deployed = True
+        self.train(self.training)  # the new linears take the module's (eval) mode
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,16 +140,7 @@ def test_baseline_models_are_known_to_timm():
                 assert model in known, (table_id, row_id, model)
 
 
-NEEDS_REGISTRY_EXTENSIONS = {
-    "sit-2": "columns measuring the row's teacher / CNN-teacher student (`model_from:`) and `kind: difference`",
-    "sit-9": "`kind: difference` (the printed '(+1.3)' points over Baseline)",
-}
-
-
-@pytest.mark.parametrize("table_id", [
-    pytest.param(t, marks=pytest.mark.xfail(reason=f"registry lacks {NEEDS_REGISTRY_EXTENSIONS[t]}", strict=True))
-    if t in NEEDS_REGISTRY_EXTENSIONS else t
-    for t in TABLE_IDS])
+@pytest.mark.parametrize("table_id", TABLE_IDS)
 def test_registry_loads_the_table(table_id):
     from reproduce.registry import load_table
 

@@ -112,8 +112,14 @@ def train_command(table, row, data, scale, nproc, output, resume, recipe_option)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--workers", default=4, show_default=True)
 @click.option("--deploy", "deploy_form", is_flag=True, help="the checkpoint holds the folded (deploy) model")
-def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes, batch_size, workers, deploy_form):
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="write result.json here (runs/<table>/<row> fills that table cell)")
+def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes, batch_size, workers, deploy_form,
+                 output):
     """Top-1/top-5 of MODEL with the given weights, with the papers' eval transform."""
+    import sys
+
+    from reproduce.engine import checkpoint as ckpt
     from reproduce.engine.evaluate import evaluate_checkpoint
 
     try:
@@ -123,6 +129,11 @@ def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes
     except EngineError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images)")
+    if output:
+        # An evaluation on a real validation set fills an accuracy cell like a finished training run.
+        ckpt.save_json({**result, "scale": "full", "data": data, "model": model, "checkpoint": checkpoint,
+                        "command": " ".join(["reproduce", *sys.argv[1:]])}, Path(output) / "result.json")
+        click.echo(f"-> {Path(output) / 'result.json'}")
 
 
 @click.group()

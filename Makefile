@@ -1,0 +1,26 @@
+# The two commands of the README: `make all-tables` (the main job) and `make test`.
+# Both create .venv and install what is missing first (scripts/setup_env.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REPRODUCE := $(VENV)/bin/reproduce
+
+.PHONY: setup all-tables test test-slow diff lint clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+all-tables: setup  ## every registered table at this machine's scale (cached: a second run is quick)
+	$(REPRODUCE) all-tables
+	$(REPRODUCE) diff --all
+
+test: setup  ## the test suite (slow and GPU tests are skipped with their reason)
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+diff: setup  ## committed results against the references, with params and MACs measured again
+	$(REPRODUCE) diff --all --remeasure
+
+clean:
+	rm -rf .cache runs
