@@ -174,10 +174,12 @@ def _nvidia_driver() -> str | None:
 class Protocol:
     """How to time: a paper's protocol, or its scaled-down CPU form."""
     batch_size: int
-    runs: int                 # forward passes timed back to back, averaged
+    runs: int                 # forward passes timed back to back (or seconds, if `seconds`)
     repeats: int              # independent timings; the median is reported
-    warmup: int
+    warmup: int               # untimed passes first (or seconds, if `seconds`)
     dtype: str = "float32"
+    amp: bool = False         # autocast to `dtype` around the forward (weights stay float32)
+    seconds: bool = False     # LeViT's time-based loop: each pass timed alone until `runs` s
     channels_last: bool = False
     compile: bool = False
 
@@ -190,10 +192,19 @@ class Protocol:
         batch = section.get("batch_size", 128)
         by_size = section.get("batch_size_by_img_size") or {}
         batch = by_size.get(img_size, by_size.get(str(img_size), batch))
+        units = section.get("units") or {}
         return cls(batch_size=int(batch), runs=int(section.get("runs", 30)),
                    repeats=int(section.get("repeats", 3)), warmup=int(section.get("warmup", 10)),
-                   dtype=section.get("dtype", "float32"), channels_last=bool(section.get("channels_last", False)),
+                   dtype=section.get("dtype", "float32"), amp=bool(section.get("amp", False)),
+                   seconds=units.get("runs") == "s", channels_last=bool(section.get("channels_last", False)),
                    compile=bool(section.get("compile", False)))
+
+    def describe(self) -> str:
+        unit = "s" if self.seconds else " passes"
+        precision = f"autocast {self.dtype}" if self.amp else self.dtype
+        return (f"batch {self.batch_size}, {self.runs}{unit} × {self.repeats} repeats (median), "
+                f"warmup {self.warmup}{unit}, {precision}, channels_last={self.channels_last}, "
+                f"compile={self.compile}")
 
 
 def _sync(device: str):
@@ -208,16 +219,19 @@ class Timer:
         self.protocol, self.device = protocol, device
         dtype = getattr(torch, protocol.dtype)
         memory_format = torch.channels_last if protocol.channels_last else torch.contiguous_format
-        self.model = model.eval().to(device=device, dtype=dtype, memory_format=memory_format)
+        weights = torch.float32 if protocol.amp else dtype
+        self.model = model.eval().to(device=device, dtype=weights, memory_format=memory_format)
         if protocol.compile:
             self.model = torch.compile(self.model)
+        self.autocast = (torch.autocast(device.split(":")[0], dtype=dtype) if protocol.amp
+                         else contextlib.nullcontext())
         self.batch_size = protocol.batch_size
         self.notes: list[str] = []
         while True:
-            self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=dtype)
+            self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=weights)
             self.x = self.x.contiguous(memory_format=memory_format)
             try:
-                self._run(protocol.warmup)
+                self._passes(protocol.warmup, by_time=protocol.seconds)
                 break
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -226,15 +240,29 @@ class Timer:
                 self.notes.append(f"out of memory: batch halved to {self.batch_size}")
                 torch.cuda.empty_cache()
 
-    def _run(self, n: int):
-        with torch.inference_mode():
-            for _ in range(n):
-                self.model(self.x)
+    def _pass(self) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode(), self.autocast:
+            self.model(self.x)
         _sync(self.device)
+        return time.perf_counter() - start
+
+    def _passes(self, n: int, by_time: bool) -> list[float]:
+        """n passes, or passes until n seconds are spent; the time of each."""
+        times = []
+        while (sum(times) < n) if by_time else (len(times) < n):
+            times.append(self._pass())
+        return times
 
     def sample(self) -> float:
+        if self.protocol.seconds:  # LeViT: batch / mean time of one synchronised pass
+            times = self._passes(self.protocol.runs, by_time=True)
+            return self.batch_size * len(times) / sum(times)
         start = time.perf_counter()
-        self._run(self.protocol.runs)
+        with torch.inference_mode(), self.autocast:
+            for _ in range(self.protocol.runs):
+                self.model(self.x)
+        _sync(self.device)
         return self.batch_size * self.protocol.runs / (time.perf_counter() - start)
 
 

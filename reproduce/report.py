@@ -93,10 +93,10 @@ def compare(reported: str, measured, tolerance: float | None, kind: str) -> tupl
     return "mismatch", delta
 
 
-def format_measured(value, reported: str) -> str:
+def format_measured(value, reported: str, kind: str = "") -> str:
     """Measured numbers carry two more decimals than the printed value, so rounding is visible."""
-    if isinstance(value, str):
-        return value
+    if isinstance(value, str) or kind == "setting":
+        return f"{value:g}" if isinstance(value, float) else str(value)
     ref = parse_number(reported)
     decimals = (ref[1] if ref else 1) + 2
     return f"{value:.{decimals}f}"
@@ -154,7 +154,7 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
     labels = dict(zip(spec.reference["row"], spec.reference["label"]))
     cells = {(r.row, r.column): r for r in frame.itertuples()}
     header = ["Model"] + [f"{c.id} ({c.unit})" if c.unit else c.id for c in spec.columns.values()]
-    lines, notes = [], []
+    lines, notes = [], {}   # note text -> its number: a row's note is numbered once
     for row_id in spec.rows:
         if not any((row_id, c) in cells for c in spec.columns):
             continue
@@ -169,8 +169,7 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
                 text += f" → {cell.measured}"
             text += f" {STATUS_MARK[cell.status]}"
             if cell.note:
-                notes.append(cell.note)
-                text += f" [{len(notes)}]"
+                text += f" [{notes.setdefault(cell.note, len(notes) + 1)}]"
             line.append(text)
         lines.append(line)
     counts = frame["status"].value_counts()
@@ -183,5 +182,5 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
         out += ["| run | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
     out += [tabulate(lines, headers=header, tablefmt="github"), ""]
     if notes:
-        out += ["## Notes", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+        out += ["## Notes", ""] + [f"{i}. {n}" for n, i in notes.items()] + [""]
     return "\n".join(out)

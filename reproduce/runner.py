@@ -340,7 +340,7 @@ class TableRun:
                 notes.insert(0, extra)
             if measured is not None:
                 state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind)
-                base.update(measured=report.format_measured(measured, ref.reported),
+                base.update(measured=report.format_measured(measured, ref.reported, column.kind),
                             delta=report.format_delta(delta, ref.reported))
                 how = report.coarser_printing(ref.reported, measured) if state == "within_tolerance" else None
                 if how:
@@ -423,10 +423,7 @@ class TableRun:
         if self.protocol_spec:
             meta["paper protocol"] = self.protocol_spec.get("summary", self.protocol_spec.get("name"))
             for size, proto in sorted(self.protocols_used.items()):
-                meta[f"protocol run here @{size}"] = (
-                    f"batch {proto.batch_size}, {proto.runs} runs × {proto.repeats} repeats (median), "
-                    f"warmup {proto.warmup}, {proto.dtype}, channels_last={proto.channels_last}, "
-                    f"compile={proto.compile}, interleaved with the baseline of each gain")
+                meta[f"protocol run here @{size}"] = proto.describe() + ", interleaved with the baseline of each gain"
         return meta
 
 

@@ -21,7 +21,8 @@ import re
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+
+from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -162,14 +163,9 @@ def checkpoint_filter_fn(state_dict, model):
     Official keys: isotropic `patch_embed.proj.*`, `blocks.{j}.*`; hierarchical `patch_embed.{i}.proj.*`,
     `blocks.{i}.{j}.*`; `pos_embed` is (1, H*W, C) where our `stages.0.pos_embed` is (1, H, W, C).
     """
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
     isotropic = len(model.stages) == 1
     out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
+    for key, value in unwrap_state_dict(state_dict).items():
         key = re.sub(r"^patch_embed\.proj\.", "stages.0.downsample.", key)
         key = re.sub(r"^patch_embed\.(\d+)\.proj\.", r"stages.\1.downsample.", key)
         if isotropic:
@@ -182,58 +178,21 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
-def _cfg(**kwargs):
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "first_conv": "stages.0.downsample", "classifier": "head", **kwargs}
-
-
-def _create(pretrained=False, checkpoint_path=None, **kwargs):
-    # timm.create_model keeps its own `checkpoint_path` (and loads it unfiltered), so through timm
-    # a local file comes as pretrained_cfg_overlay={"file": ...}
-    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
-    if pretrained and not checkpoint_path:
-        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file> to "
-                         "the model function, or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
-    for timm_only in ("pretrained_cfg", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = GFNet(**kwargs)
-    img_size = kwargs.get("img_size", 224)
-    model.pretrained_cfg = model.default_cfg = _cfg(input_size=(3, img_size, img_size))
-    if checkpoint_path:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint_filter_fn(state, model))
-    return model
+def _cfg(kwargs):
+    return imagenet_cfg("stages.0.downsample", img_size=kwargs.get("img_size", 224))
 
 
 # Official configs (main_gfnet.py). Hierarchical: layer-scale init 1e-3 (H-Ti, the code's default),
 # 1e-5 (H-S), 1e-6 (H-B); the isotropic models have no layer scale.
-@register_model
-def gfnet_h_ti(pretrained=False, **kwargs):
-    """GFNet-H-Ti: widths 64/128/256/512, depths 3/3/10/3."""
-    kwargs = {"embed_dims": (64, 128, 256, 512), "depths": (3, 3, 10, 3), "patch_size": 4,
-              "layer_scale_init": 1e-3, **kwargs}
-    return _create(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def gfnet_h_s(pretrained=False, **kwargs):
-    """GFNet-H-S: widths 96/192/384/768, depths 3/3/10/3."""
-    kwargs = {"embed_dims": (96, 192, 384, 768), "depths": (3, 3, 10, 3), "patch_size": 4,
-              "layer_scale_init": 1e-5, **kwargs}
-    return _create(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def gfnet_h_b(pretrained=False, **kwargs):
-    """GFNet-H-B: widths 96/192/384/768, depths 3/3/27/3."""
-    kwargs = {"embed_dims": (96, 192, 384, 768), "depths": (3, 3, 27, 3), "patch_size": 4,
-              "layer_scale_init": 1e-6, **kwargs}
-    return _create(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def gfnet_b(pretrained=False, **kwargs):
-    """GFNet-B (isotropic): width 512, depth 19, 16x16 patches."""
-    kwargs = {"embed_dims": (512,), "depths": (19,), "patch_size": 16, **kwargs}
-    return _create(pretrained=pretrained, **kwargs)
+CONFIGS = {
+    "gfnet_h_ti": ("GFNet-H-Ti: widths 64/128/256/512, depths 3/3/10/3.",
+                   dict(embed_dims=(64, 128, 256, 512), depths=(3, 3, 10, 3), patch_size=4, layer_scale_init=1e-3)),
+    "gfnet_h_s": ("GFNet-H-S: widths 96/192/384/768, depths 3/3/10/3.",
+                  dict(embed_dims=(96, 192, 384, 768), depths=(3, 3, 10, 3), patch_size=4, layer_scale_init=1e-5)),
+    "gfnet_h_b": ("GFNet-H-B: widths 96/192/384/768, depths 3/3/27/3.",
+                  dict(embed_dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), patch_size=4, layer_scale_init=1e-6)),
+    "gfnet_b": ("GFNet-B (isotropic): width 512, depth 19, 16x16 patches.",
+                dict(embed_dims=(512,), depths=(19,), patch_size=16)),
+}
+for _name, (_doc, _config) in CONFIGS.items():
+    register_family_model(__name__, _name, _doc, GFNet, _cfg, checkpoint_filter_fn, **_config)

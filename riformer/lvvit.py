@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import register_model
+
+from riformer._builder import imagenet_cfg, load_local_checkpoint, register_family_model, unwrap_state_dict
 
 __all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn",
            "load_local_checkpoint", "unwrap_state_dict"]
@@ -217,14 +218,6 @@ class LVViT(nn.Module):
         return self.forward_head(self.norm(x)), block_tokens
 
 
-def unwrap_state_dict(state_dict):
-    for key in ("model", "state_dict", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
-
-
 def rename_stem_key(key):
     """patch_embed.conv{i}/bn{i} of the official code -> patch_embed.convs.{i-1}.conv/bn."""
     parts = key.split(".")
@@ -256,32 +249,8 @@ def resize_pos_embed(pos_embed, num_patches):
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
 
 
-def load_local_checkpoint(model, checkpoint_path, filter_fn, strict=True):
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    return model.load_state_dict(filter_fn(state, model), strict=strict)
-
-
-def _cfg(img_size=224, crop_pct=0.9):
-    return {"num_classes": 1000, "input_size": (3, img_size, img_size), "crop_pct": crop_pct,
-            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "first_conv": "patch_embed.convs.0.conv", "classifier": "head"}
-
-
-def strip_timm_kwargs(kwargs):
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    return kwargs
-
-
-def _create(config, pretrained=False, checkpoint_path=None, **kwargs):
-    if pretrained and not checkpoint_path:
-        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file>")
-    kwargs = {**config, **strip_timm_kwargs(kwargs)}
-    model = LVViT(**kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg(kwargs.get("img_size", 224))
-    if checkpoint_path:
-        load_local_checkpoint(model, checkpoint_path, checkpoint_filter_fn)
-    return model
+def _cfg(kwargs):
+    return imagenet_cfg("patch_embed.convs.0.conv", img_size=kwargs.get("img_size", 224))
 
 
 # SiT's teachers (Sense-X/SiT models/lvvit.py): LeViT-like conv stems, SiT Table 2a shapes.
@@ -299,17 +268,9 @@ TOKEN_LABELING = {
 }
 
 
-def _register(name, config, doc):
-    def build(pretrained=False, **kwargs):
-        return _create(config, pretrained=pretrained, **kwargs)
-
-    build.__name__ = name
-    build.__doc__ = doc
-    register_model(build)
-
-
 for _size, _config in SIT_TEACHERS.items():
-    _register(f"lvvit_{_size}", _config, f"SiT's LV-ViT-{_size.upper()} teacher: {_config}")
+    register_family_model(__name__, f"lvvit_{_size}", f"SiT's LV-ViT-{_size.upper()} teacher: {_config}",
+                          LVViT, _cfg, checkpoint_filter_fn, **_config)
 for _name, _config in TOKEN_LABELING.items():
-    _register(_name, {**_config, "stem": "token_labeling", "aux_head_in_eval": True},
-              f"original token-labeling LV-ViT: {_config}")
+    register_family_model(__name__, _name, f"original token-labeling LV-ViT: {_config}", LVViT, _cfg,
+                          checkpoint_filter_fn, **_config, stem="token_labeling", aux_head_in_eval=True)

@@ -13,10 +13,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
-__all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling"]
+from riformer._builder import imagenet_cfg, register_family_model
+
+__all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -115,18 +116,40 @@ class RIFormerBlock(MetaFormerBlock):
             return self.norm_reparam(x)
         return self.token_mixer(self.norm1(x))
 
-    @torch.no_grad()
     def switch_to_deploy(self):
         if self.deploy:
             return
-        # affine(LN(x)) - LN(x) = (s - 1) * LN(x) + t, and LN's own affine absorbs that (Eq. 4).
-        s_minus_1 = self.token_mixer.affine.weight.reshape(-1) - 1.0
-        t = self.token_mixer.affine.bias
-        norm = self.norm1
-        self.norm_reparam = type(norm)(norm.num_channels, eps=norm.eps).to(norm.weight)
-        self.norm_reparam.weight.copy_(norm.weight * s_minus_1)
-        self.norm_reparam.bias.copy_(norm.bias * s_minus_1 + t)
+        self.norm_reparam = fold_affine_into_norm(self.norm1, self.token_mixer).train(self.training)
         del self.norm1, self.token_mixer
+
+
+def _norm_with_bias(norm: nn.Module) -> nn.Module:
+    """A fresh norm computing what `norm` computes, with a bias whatever `norm` has."""
+    if isinstance(norm, GroupNorm1):  # RIFormer's own norm keeps its class
+        fresh = GroupNorm1(norm.num_channels, eps=norm.eps)
+    elif isinstance(norm, nn.GroupNorm):
+        fresh = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
+    elif isinstance(norm, LayerNorm2d):
+        fresh = LayerNorm2d(norm.normalized_shape[0], eps=norm.eps)
+    else:
+        raise TypeError(f"cannot fold an affine mixer into a {type(norm).__name__}")
+    return fresh.to(device=norm.weight.device, dtype=norm.weight.dtype).train(norm.training)
+
+
+@torch.no_grad()
+def fold_affine_into_norm(norm: nn.Module, affine: Affine) -> nn.Module:
+    """The norm that equals `affine(norm(x)) - norm(x)` (RIFormer Eq. 4), in `norm`'s train/eval mode.
+
+    affine(LN(x)) - LN(x) = (s - 1) * LN(x) + t, and the norm's own affine absorbs that:
+    gamma' = gamma (s - 1), beta' = beta (s - 1) + t, with beta = 0 for a bias-free norm (which
+    gets a bias, see `_norm_with_bias`).
+    """
+    s_minus_1 = affine.affine.weight.reshape(-1) - 1.0
+    t = affine.affine.bias
+    folded = _norm_with_bias(norm)
+    folded.weight.copy_(norm.weight * s_minus_1)
+    folded.bias.copy_(t if norm.bias is None else norm.bias * s_minus_1 + t)
+    return folded
 
 
 class PatchEmbed(nn.Module):
@@ -204,25 +227,6 @@ class MetaFormerV1(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs):
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
-            "classifier": "head", **kwargs}
-
-
-def _create(layers, embed_dims, block, pretrained=False, **kwargs):
-    # Our layout is the official one, so official checkpoints load with
-    # timm.create_model(name, checkpoint_path=FILE); there is nothing to download.
-    if pretrained:
-        raise ValueError("pretrained weights cannot be downloaded here: use "
-                         "timm.create_model(name, checkpoint_path=<local file>)")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = MetaFormerV1(layers, embed_dims, block=block, **kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg()
-    return model
-
-
 # name: (layers, embed_dims, layer_scale_init_value). S/M configs are the official PoolFormer ones.
 # S9 and XS12 are RIFormer Table 8's slimmed PoolFormers, which the paper defines only as "depth 9"
 # and "about 5/6 of the width": we cut S12's third stage from 6 to 3 blocks (a memory-bound cost
@@ -239,19 +243,13 @@ CONFIGS = {
 }
 
 
-def _register(prefix, size, block):
-    layers, dims, ls_init = CONFIGS[size]
-
-    def build(pretrained=False, **kwargs):
-        kwargs.setdefault("layer_scale_init_value", ls_init)
-        return _create(layers, dims, block, pretrained=pretrained, **kwargs)
-
-    build.__name__ = f"{prefix}_{size}"
-    build.__doc__ = f"{prefix} {size.upper()}: layers {layers}, widths {dims}"
-    register_model(build)
-
-
-for _size in CONFIGS:
-    _register("poolformer_v1", _size, PoolFormerBlock)
-for _size in ("s12", "s24", "s36", "m36", "m48"):
-    _register("riformer", _size, RIFormerBlock)
+# Our layout is the official one: official checkpoints also load with
+# timm.create_model(name, checkpoint_path=FILE) (see riformer/_builder.py).
+for _prefix, _block, _sizes in (("poolformer_v1", PoolFormerBlock, CONFIGS),
+                                ("riformer", RIFormerBlock, ("s12", "s24", "s36", "m36", "m48"))):
+    for _size in _sizes:
+        _layers, _dims, _ls_init = CONFIGS[_size]
+        register_family_model(__name__, f"{_prefix}_{_size}",
+                              f"{_prefix} {_size.upper()}: layers {_layers}, widths {_dims}",
+                              partial(MetaFormerV1, _layers, _dims, block=_block),
+                              imagenet_cfg("patch_embed.proj"), layer_scale_init_value=_ls_init)

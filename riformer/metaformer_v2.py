@@ -23,12 +23,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, register_model
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer, MetaFormerBlock
 
 from riformer import metaformer as metaformer_v1
+from riformer._builder import imagenet_cfg, refuse_pretrained
+from riformer.metaformer import fold_affine_into_norm
 
 __all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
 
@@ -69,30 +69,6 @@ def random_mixing_for(num_tokens: int) -> type:
     return type(f"RandomMixing{num_tokens}", (RandomMixing,), {"num_tokens": num_tokens})
 
 
-def _norm_with_bias(norm: nn.Module) -> nn.Module:
-    """A fresh norm computing what `norm` computes, with a bias whatever `norm` has."""
-    if isinstance(norm, nn.GroupNorm):
-        fresh = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
-    elif isinstance(norm, LayerNorm2d):
-        fresh = LayerNorm2d(norm.normalized_shape[0], eps=norm.eps)
-    else:
-        raise TypeError(f"cannot fold an affine mixer into a {type(norm).__name__}")
-    return fresh.to(device=norm.weight.device, dtype=norm.weight.dtype)
-
-
-@torch.no_grad()
-def fold_affine_into_norm(norm: nn.Module, affine: Affine) -> nn.Module:
-    """The norm that equals `affine(norm(x)) - norm(x)` (RIFormer Eq. 4):
-    gamma' = gamma (s - 1), beta' = beta (s - 1) + t, with beta = 0 for a bias-free norm."""
-    s = affine.affine.weight.reshape(-1)
-    t = affine.affine.bias
-    folded = _norm_with_bias(norm)
-    folded.weight.copy_(norm.weight * (s - 1))
-    beta = norm.bias if norm.bias is not None else torch.zeros_like(t)
-    folded.bias.copy_(beta * (s - 1) + t)
-    return folded
-
-
 class AffineFormer(MetaFormer):
     """MetaFormer whose blocks may carry an `Affine` mixer; `switch_to_deploy()` folds each
     into the norm before it and replaces the mixer by an identity."""
@@ -116,11 +92,7 @@ def _stage_token_counts(img_size, num_stages: int = 4):
 
 
 def _cfg(**kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 1.0, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", **kwargs,
-    }
+    return imagenet_cfg("stem.conv", "head.fc", pool_size=(7, 7), crop_pct=1.0, **kwargs)
 
 
 default_cfgs = {name: _cfg() for name in (
@@ -128,9 +100,7 @@ default_cfgs = {name: _cfg() for name in (
 
 
 def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights are available in this suite "
-                         "(no downloads); build it with pretrained=False and train or load a checkpoint")
+    refuse_pretrained(variant, pretrained)
     model_args = dict(arch, token_mixers=token_mixers, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
     return build_model_with_cfg(model_cls, variant, pretrained=False,
                                 feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),

@@ -18,19 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
+from riformer._builder import imagenet_cfg, refuse_pretrained
+
 __all__ = ["SwinMixer"]
-
-
-def _refuse_pretrained(pretrained: bool, name: str) -> None:
-    if pretrained:
-        raise ValueError(f"{name}: no pretrained weights are available in this suite "
-                         "(no downloads); build it with pretrained=False and train or load a checkpoint")
 
 
 class WindowSpatialMlp(nn.Module):
@@ -160,13 +155,8 @@ class SwinMixer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(img_size: int = 224, **kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, img_size, img_size), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
-    }
+def _cfg(img_size: int = 224, first_conv: str = "patch_embed.proj", **kwargs):
+    return imagenet_cfg(first_conv, img_size=img_size, pool_size=None, fixed_input_size=True, **kwargs)
 
 
 default_cfgs = {
@@ -177,7 +167,7 @@ default_cfgs = {
 
 
 def _create_swin_mixer(variant: str, pretrained: bool, **kwargs) -> SwinMixer:
-    _refuse_pretrained(pretrained, variant)
+    refuse_pretrained(variant, pretrained)
     return build_model_with_cfg(SwinMixer, variant, pretrained=False,
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
 
@@ -205,7 +195,7 @@ def swin_mixer_base_d24(pretrained=False, **kwargs) -> SwinMixer:
 @register_model
 def resmlp_b24_p16(pretrained=False, **kwargs) -> MlpMixer:
     """ResMLP-B24 with 16x16 patches (ResMLP paper: 116M, 23.0G); timm's ResMLP classes."""
-    _refuse_pretrained(pretrained, "resmlp_b24_p16")
+    refuse_pretrained("resmlp_b24_p16", pretrained)
     model_args = dict(patch_size=16, num_blocks=24, embed_dim=768, mlp_ratio=4,
                       block_layer=partial(ResBlock, init_values=1e-6), norm_layer=Affine)
     return build_model_with_cfg(MlpMixer, "resmlp_b24_p16", pretrained=False,

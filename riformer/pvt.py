@@ -14,12 +14,14 @@ fvcore skips: its MACs are counted under the `fvcore+attn` convention
 (`reproduce/op_counters.py`), which is also how PVT's own `get_flops.py` adds them.
 """
 import re
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+
+from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -202,13 +204,8 @@ _OFFICIAL_KEYS = [
 
 def checkpoint_filter_fn(state_dict, model):
     """Map an official PVT v1 checkpoint (plain, or under 'model'/'state_dict') onto our layout."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
     out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
+    for key, value in unwrap_state_dict(state_dict).items():
         for pattern, replace in _OFFICIAL_KEYS:
             key = pattern.sub(replace, key)
         if key == "cls_token":
@@ -217,43 +214,11 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
-def _cfg(**kwargs):
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "first_conv": "stages.0.patch_embed.proj", "classifier": "head", **kwargs}
-
-
-def _create(depths, pretrained=False, checkpoint_path=None, **kwargs):
-    # timm.create_model keeps its own `checkpoint_path` (and loads it unfiltered), so through timm
-    # a local file comes as pretrained_cfg_overlay={"file": ...}
-    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
-    if pretrained and not checkpoint_path:
-        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file> to "
-                         "the model function, or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
-    for timm_only in ("pretrained_cfg", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = PyramidVisionTransformer(depths, **kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg()
-    if checkpoint_path:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint_filter_fn(state, model))
-    return model
-
-
 # Official configs: widths 64/128/320/512, heads 1/2/5/8, MLP ratios 8/8/4/4, SR ratios 8/4/2/1.
-@register_model
-def pvt_v1_small(pretrained=False, **kwargs):
-    """PVT-Small: depths 3/4/6/3."""
-    return _create((3, 4, 6, 3), pretrained=pretrained, **kwargs)
+DEPTHS = {"small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
 
 
-@register_model
-def pvt_v1_medium(pretrained=False, **kwargs):
-    """PVT-Medium: depths 3/4/18/3."""
-    return _create((3, 4, 18, 3), pretrained=pretrained, **kwargs)
-
-
-@register_model
-def pvt_v1_large(pretrained=False, **kwargs):
-    """PVT-Large: depths 3/8/27/3."""
-    return _create((3, 8, 27, 3), pretrained=pretrained, **kwargs)
+for _size, _depths in DEPTHS.items():
+    register_family_model(__name__, f"pvt_v1_{_size}", f"PVT-{_size.capitalize()}: depths {_depths}.",
+                          partial(PyramidVisionTransformer, _depths), imagenet_cfg("stages.0.patch_embed.proj"),
+                          checkpoint_filter_fn)

@@ -30,12 +30,12 @@ import torch
 import torch.nn as nn
 import timm
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
 from timm.models.mlp_mixer import MixerBlock, MlpMixer
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 
 from riformer import lvvit, metaformer
+from riformer._builder import refuse_pretrained, register, strip_timm_kwargs
 
 __all__ = ["ChannelIdleFFN", "num_active_channels", "VARIANTS"]
 
@@ -280,8 +280,7 @@ MIXER_SHAPES = {
 
 def _base_model(name, kwargs):
     """The backbone as registered (timm's or ours), never with weights: RePa models train from scratch."""
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
+    strip_timm_kwargs(kwargs)
     if name in MIXER_SHAPES:
         model = MlpMixer(**{**MIXER_SHAPES[name], **kwargs})
         model.pretrained_cfg = model.default_cfg = timm.models.get_pretrained_cfg(name).to_dict()
@@ -289,57 +288,37 @@ def _base_model(name, kwargs):
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _repa_vit(base, pretrained, idle_ratio, **kwargs):
-    _refuse_pretrained(pretrained)
-    model = _base_model(base, kwargs)
+# Each converter swaps the FFN of every block of a built backbone for a ChannelIdleFFN.
+def _repa_vit(model, idle_ratio):
     for block in model.blocks:
         _no_layer_scale(block)
         _use_channel_idle_ffn(block, RePaViTBlock, idle_ratio)
-    return model
 
 
-def _repa_swin(base, pretrained, idle_ratio, **kwargs):
-    _refuse_pretrained(pretrained)
-    model = _base_model(base, kwargs)
-    for stage in model.layers:
-        for block in stage.blocks:
-            _use_channel_idle_ffn(block, RePaSwinBlock, idle_ratio)
-    return model
+def _repa_swin(model, idle_ratio):
+    for block in (block for stage in model.layers for block in stage.blocks):
+        _use_channel_idle_ffn(block, RePaSwinBlock, idle_ratio)
 
 
-def _repa_mixer(base, pretrained, idle_ratio, **kwargs):
-    _refuse_pretrained(pretrained)
-    model = _base_model(base, kwargs)
+def _repa_mixer(model, idle_ratio):
     for block in model.blocks:
         _use_channel_idle_ffn(block, RePaMixerBlock, idle_ratio, mlp="mlp_channels", drop_path="drop_path")
-    return model
 
 
-def _repa_poolformer(base, pretrained, idle_ratio, **kwargs):
-    _refuse_pretrained(pretrained)
-    model = _base_model(base, kwargs)
+def _repa_poolformer(model, idle_ratio):
     for block in model.blocks():
         _use_channel_idle_ffn(block, RePaPoolFormerBlock, idle_ratio, drop_path="drop_path",
                               layer_scale="layer_scale_2" if block.use_layer_scale else None,
                               channels_first=True)
-    return model
 
 
-def _repa_lvvit(base, pretrained, idle_ratio, **kwargs):
-    _refuse_pretrained(pretrained)
-    model = _base_model(base, kwargs)
+def _repa_lvvit(model, idle_ratio):
     for block in model.blocks:
         _use_channel_idle_ffn(block, RePaLVViTBlock, idle_ratio, drop_path="drop_path",
                               branch_scale=1.0 / block.skip_lam)
-    return model
 
 
-def _refuse_pretrained(pretrained):
-    if pretrained:
-        raise ValueError("RePaFormers have no released weights here; build them with pretrained=False")
-
-
-# name: (builder, backbone registered with timm, extra backbone kwargs)
+# name: (converter, backbone registered with timm, extra backbone kwargs)
 VARIANTS = {
     "repa_deit_tiny": (_repa_vit, "deit_tiny_patch16_224", {}),
     "repa_deit_small": (_repa_vit, "deit_small_patch16_224", {}),
@@ -360,15 +339,17 @@ VARIANTS = {
 }
 
 
-def _register(name, builder, base, base_kwargs):
+def _register(name, convert, base, base_kwargs):
     def build(pretrained=False, idle_ratio=None, **kwargs):
-        return builder(base, pretrained, idle_ratio, **{**base_kwargs, **kwargs})
+        refuse_pretrained(name, pretrained)
+        model = _base_model(base, {**base_kwargs, **kwargs})
+        convert(model, idle_ratio)
+        return model
 
-    build.__name__ = name
-    build.__doc__ = (f"RePaFormer on {base} {base_kwargs or ''}: channel-idle FFNs; idle_ratio=None is "
-                     "the paper's default μ = 1 (θ = 0.75 at mlp ratio 4)")
-    register_model(build)
+    register(__name__, name, build,
+             f"RePaFormer on {base} {base_kwargs or ''}: channel-idle FFNs; idle_ratio=None is "
+             "the paper's default μ = 1 (θ = 0.75 at mlp ratio 4)")
 
 
-for _name, (_builder, _base, _base_kwargs) in VARIANTS.items():
-    _register(_name, _builder, _base, _base_kwargs)
+for _name, (_convert, _base, _base_kwargs) in VARIANTS.items():
+    _register(_name, _convert, _base, _base_kwargs)

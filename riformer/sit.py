@@ -36,10 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
-from timm.models import register_model
 
-from riformer.lvvit import (SIT_TEACHERS, LVViT, init_vit_weights, load_local_checkpoint, rename_stem_key,
-                            resize_pos_embed, strip_timm_kwargs, unwrap_state_dict, _cfg)
+from riformer._builder import load_local_checkpoint, register_family_model, unwrap_state_dict
+from riformer.lvvit import SIT_TEACHERS, LVViT, init_vit_weights, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
            "checkpoint_filter_fn"]
@@ -275,34 +274,21 @@ SIT_CONFIGS = {
 }
 
 
-def _create(config, pretrained=False, checkpoint_path=None, **kwargs):
-    if pretrained and not checkpoint_path:
-        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file>")
-    kwargs = {**config, **strip_timm_kwargs(kwargs)}
-    model = SiT(**kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg(kwargs.get("img_size", 224))
-    if checkpoint_path:
-        # A teacher checkpoint (how SiT initialises students) lacks only the student-only modules.
-        result = load_local_checkpoint(model, checkpoint_path, checkpoint_filter_fn, strict=False)
-        student_only = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
-        misfits = [k for k in result.missing_keys if not k.startswith(student_only)] + result.unexpected_keys
-        if misfits:
-            raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: {misfits[:10]}")
-    return model
-
-
-def _register(name, config, doc):
-    def build(pretrained=False, **kwargs):
-        return _create(config, pretrained=pretrained, **kwargs)
-
-    build.__name__ = name
-    build.__doc__ = doc
-    register_model(build)
+def _load_teacher_or_student(model, checkpoint_path, filter_fn):
+    """A student checkpoint, or a teacher one (how SiT initialises students), which lacks only the
+    student-only modules."""
+    result = load_local_checkpoint(model, checkpoint_path, filter_fn, strict=False)
+    student_only = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
+    misfits = [k for k in result.missing_keys if not k.startswith(student_only)] + result.unexpected_keys
+    if misfits:
+        raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: {misfits[:10]}")
 
 
 for _size, (_teacher, _stages) in SIT_CONFIGS.items():
     _config = {**SIT_TEACHERS[_teacher], "stage_depths": _stages}
-    _register(f"sit_{_size}", _config, f"SiT-{_size.upper()}: {_config}")
+    register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg,
+                          checkpoint_filter_fn, _load_teacher_or_student, **_config)
     if _size != "l":  # SiT-L has no ‡ row
-        _register(f"sit_{_size}_dist", {**_config, "distilled": True},
-                  f"SiT-{_size.upper()}‡ (distillation token and head for a CNN teacher): {_config}")
+        register_family_model(__name__, f"sit_{_size}_dist",
+                              f"SiT-{_size.upper()}‡ (distillation token and head for a CNN teacher): {_config}",
+                              SiT, _cfg, checkpoint_filter_fn, _load_teacher_or_student, **_config, distilled=True)

@@ -18,12 +18,14 @@ than k x dilation nodes: we then shrink the dilation (and k) to what the graph h
 never happens at 224.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import register_model
+
+from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
 
 __all__ = ["PyramidViG", "checkpoint_filter_fn"]
 
@@ -220,14 +222,9 @@ def _official_prefixes(model):
 
 def checkpoint_filter_fn(state_dict, model):
     """Map an official Pyramid ViG checkpoint (plain, or under 'model'/'state_dict') onto our layout."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
     prefixes = _official_prefixes(model)
     out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
+    for key, value in unwrap_state_dict(state_dict).items():
         if key.startswith("stem.convs."):
             key = "stem." + key[len("stem.convs."):]
         elif key.startswith("backbone."):
@@ -242,31 +239,11 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
-def _cfg(**kwargs):
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.95, "interpolation": "bicubic",
-            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "stem.0", "classifier": "head",
-            **kwargs}
+def _cfg(kwargs):
+    return imagenet_cfg("stem.0", img_size=kwargs.get("img_size", 224), crop_pct=0.95,
+                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def _create(depths, embed_dims, pretrained=False, checkpoint_path=None, **kwargs):
-    # timm.create_model keeps its own `checkpoint_path` (and loads it unfiltered), so through timm
-    # a local file comes as pretrained_cfg_overlay={"file": ...}
-    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
-    if pretrained and not checkpoint_path:
-        raise ValueError("pretrained weights cannot be downloaded here: pass checkpoint_path=<local file> to "
-                         "the model function, or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
-    for timm_only in ("pretrained_cfg", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = PyramidViG(depths, embed_dims, **kwargs)
-    img_size = kwargs.get("img_size", 224)
-    model.pretrained_cfg = model.default_cfg = _cfg(input_size=(3, img_size, img_size))
-    if checkpoint_path:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint_filter_fn(state, model))
-    return model
-
-
-@register_model
-def pvig_b_224(pretrained=False, **kwargs):
-    """Pyramid ViG-B (official `pvig_b_224_gelu`): depths 2/2/18/2, widths 128/256/512/1024."""
-    return _create((2, 2, 18, 2), (128, 256, 512, 1024), pretrained=pretrained, **kwargs)
+register_family_model(__name__, "pvig_b_224",
+                      "Pyramid ViG-B (official `pvig_b_224_gelu`): depths 2/2/18/2, widths 128/256/512/1024.",
+                      partial(PyramidViG, (2, 2, 18, 2), (128, 256, 512, 1024)), _cfg, checkpoint_filter_fn)

@@ -1,0 +1,123 @@
+"""What every model family's entry point does besides building its model.
+
+Nothing can be downloaded in this suite, so `pretrained=True` is refused unless a local file is
+given; timm passes its own kwargs (`pretrained_cfg`, `pretrained_cfg_overlay`, `cache_dir`) to
+every entry point, and our model classes take none of them; the built model gets a default cfg
+(`imagenet_cfg`) as `pretrained_cfg` / `default_cfg`, as timm's own builder gives it.
+
+Loading an official checkpoint
+------------------------------
+`timm.create_model(name, checkpoint_path=FILE)` keeps `checkpoint_path` for itself: it builds
+the model, then loads FILE with timm's `load_checkpoint`, which unwraps 'state_dict' and strips
+'module.' but knows nothing of the official key layouts. That is enough only where our layout is
+the official one (PoolFormer v1 / RIFormer, and checkpoints this suite writes). To load an
+official checkpoint through the family's `checkpoint_filter_fn` (PVT, GFNet, ViG, LV-ViT, SiT):
+
+* call the model function with `checkpoint_path`:
+  `timm.models.model_entrypoint("pvt_v1_small")(checkpoint_path=FILE)` (or
+  `riformer.pvt.pvt_v1_small(checkpoint_path=FILE)`), or
+* go through timm with the file as the pretrained source:
+  `timm.create_model("pvt_v1_small", pretrained=True, pretrained_cfg_overlay={"file": FILE})`.
+
+`build_model` below does both for the families with their own model classes; the families built
+by timm's `build_model_with_cfg` (mlp.py, metaformer_v2.py) and the RePa variants only refuse
+`pretrained=True` (`refuse_pretrained`).
+"""
+import sys
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model
+
+__all__ = ["TIMM_ONLY_KWARGS", "imagenet_cfg", "refuse_pretrained", "strip_timm_kwargs", "unwrap_state_dict",
+           "load_local_checkpoint", "build_model", "register", "register_family_model"]
+
+TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_LOCAL_FILE_HINT = ("pass checkpoint_path=<local file> to the model function, "
+                    "or pretrained_cfg_overlay={'file': <local file>} to timm.create_model")
+_NO_LOCAL_FILE_HINT = ("build it with pretrained=False and train it, or load a checkpoint of this suite's "
+                       "layout with timm.create_model(name, checkpoint_path=<local file>)")
+
+
+def imagenet_cfg(first_conv: str, classifier: str = "head", img_size: int = 224, **overrides) -> dict:
+    """A default cfg for timm: ImageNet-1k at `img_size`, bicubic, crop 0.9, ImageNet mean/std."""
+    return {"url": "", "num_classes": 1000, "input_size": (3, img_size, img_size), "crop_pct": 0.9,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": first_conv, "classifier": classifier, **overrides}
+
+
+def refuse_pretrained(name: str, pretrained: bool, checkpoint_path: Optional[str] = None,
+                      loads_local_files: bool = False) -> None:
+    """Raise ValueError on `pretrained=True` without a local file: nothing can be downloaded."""
+    if pretrained and not checkpoint_path:
+        hint = _LOCAL_FILE_HINT if loads_local_files else _NO_LOCAL_FILE_HINT
+        raise ValueError(f"{name}: no pretrained weights are available in this suite "
+                         f"(they cannot be downloaded here); {hint}")
+
+
+def strip_timm_kwargs(kwargs: dict) -> dict:
+    """Drop (in place) the kwargs timm passes every entry point and our model classes do not take."""
+    for timm_only in TIMM_ONLY_KWARGS:
+        kwargs.pop(timm_only, None)
+    return kwargs
+
+
+def unwrap_state_dict(state_dict: dict) -> dict:
+    """The weights of a checkpoint saved plain or under 'model' / 'state_dict' / 'model_ema',
+    without the 'module.' prefix of a DataParallel / DDP model."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def _unwrap_only(state_dict, model):
+    return unwrap_state_dict(state_dict)
+
+
+def load_local_checkpoint(model: nn.Module, checkpoint_path: str, filter_fn: Callable = _unwrap_only,
+                          strict: bool = True):
+    """Load a local file into `model` through `filter_fn(state_dict, model)`; load_state_dict's result."""
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    return model.load_state_dict(filter_fn(state, model), strict=strict)
+
+
+def build_model(model_fn: Callable[..., nn.Module], name: str, pretrained: bool, kwargs: dict, cfg: dict,
+                checkpoint_path: Optional[str] = None, filter_fn: Callable = _unwrap_only,
+                load: Callable = load_local_checkpoint) -> nn.Module:
+    """`model_fn(**kwargs)` with `cfg` as its pretrained/default cfg, loaded from a local file if one
+    is given (`checkpoint_path`, or timm's `pretrained_cfg_overlay={"file": ...}`) through
+    `load(model, file, filter_fn)`; `pretrained=True` without a file is refused."""
+    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
+    refuse_pretrained(name, pretrained, checkpoint_path, loads_local_files=True)
+    model = model_fn(**strip_timm_kwargs(kwargs))
+    model.pretrained_cfg = model.default_cfg = dict(cfg)
+    if checkpoint_path:
+        load(model, checkpoint_path, filter_fn)
+    return model
+
+
+def register(module: str, name: str, build: Callable, doc: str) -> Callable:
+    """Register the entry point `build` with timm as `name` of the family module `module` (which
+    timm records), and make it that module's attribute `name`, as a `def name(...)` would be."""
+    build.__name__, build.__qualname__, build.__module__, build.__doc__ = name, name, module, doc
+    setattr(sys.modules[module], name, build)
+    return register_model(build)
+
+
+def register_family_model(module: str, name: str, doc: str, model_fn: Callable[..., nn.Module],
+                          cfg: Union[dict, Callable[[dict], dict]], filter_fn: Callable = _unwrap_only,
+                          load: Callable = load_local_checkpoint, **defaults) -> Callable:
+    """Register `name` with timm: an entry point `name(pretrained=False, checkpoint_path=None, **kwargs)`
+    returning `build_model(model_fn, ...)` on `{**defaults, **kwargs}`; `cfg` is the default cfg, or a
+    function of those kwargs (for models built for one `img_size`)."""
+
+    def build(pretrained=False, checkpoint_path=None, **kwargs):
+        kwargs = {**defaults, **kwargs}
+        return build_model(model_fn, name, pretrained, kwargs, cfg(kwargs) if callable(cfg) else cfg,
+                           checkpoint_path, filter_fn, load)
+
+    return register(module, name, build, doc)
