@@ -44,6 +44,7 @@ from pathlib import Path
 
 import click
 import pandas as pd
+import torch
 import torch.nn as nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -64,9 +65,6 @@ BLOCK_PARTS = {
     timm_mixer.MixerBlock: {"token_mixer": "mlp_tokens", "ffn": "mlp_channels"},
     MetaFormerBlock: {"token_mixer": "token_mixer", "ffn": "mlp"},
 }
-
-# When a protocol has no `cpu:` section, this is how far it is scaled down on CPU.
-CPU_SCALE = {"batch_size": 8, "runs": 10, "repeats": 3, "warmup": 2}
 
 # ---------------------------------------------------------------------------------------------
 # What the papers print. Quoted into the CSVs' `reported_*` columns, never computed with.
@@ -93,6 +91,12 @@ VIT_STEPS = (
 REPAFORMER_3 = {
     "protocol": "repaformer",
     "batch_size": 1,  # 003 Sec. 3.2: "when processing a single input image"
+    # At batch 1 the ops are too small to split: with several threads on a shared CPU every op waits
+    # at a barrier for a descheduled thread, and the subtracted timings turn into noise.
+    "cpu_threads": 1,
+    # The CPU section of the table protocol (1 pass x 3 repeats) is too short for differences of
+    # timings: more, short timings keep the medians steady. (batch 1: a few seconds per model.)
+    "cpu_timing": {"runs": 3, "repeats": 7, "warmup": 2},
     "paper_setting": "one NVIDIA A6000, a single image",
 }
 
@@ -198,22 +202,30 @@ def component_variants(model_name: str, img_size: int = 224) -> dict[str, nn.Mod
 
 
 def figure_protocol(name: str, device: str, img_size: int, **overrides) -> measure.Protocol:
-    """The paper's protocol (its `cpu:` section on CPU, else `CPU_SCALE`), then `overrides`."""
+    """The paper's protocol (its `cpu:` section on CPU), then the `overrides` that are not None."""
     try:
         spec = load_protocol(name)
     except RegistryError as e:
         raise measure.MeasureError(str(e)) from None
     protocol = measure.Protocol.for_device(spec, device, img_size)
-    if not device.startswith("cuda") and not spec.get("cpu"):
-        protocol = replace(protocol, **CPU_SCALE)
     return replace(protocol, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run with `threads` intra-op threads (None: leave torch's setting), then restore it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def describe(protocol: measure.Protocol, name: str, device: str) -> str:
     scaled = "" if device.startswith("cuda") else " (CPU-scaled)"
-    return (f"{name}{scaled}: batch {protocol.batch_size}, {protocol.runs} runs x {protocol.repeats} repeats "
-            f"(median), warmup {protocol.warmup}, {protocol.dtype}, channels_last={protocol.channels_last}, "
-            f"compile={protocol.compile}, variants interleaved")
+    return f"{name}{scaled}: {protocol.describe()}, variants interleaved"
 
 
 def time_variants(variants: dict[str, nn.Module], img_size: int, protocol: measure.Protocol, device: str,
@@ -297,9 +309,10 @@ def repaformer_3(models: list[str] | None = None, device: str = "cpu", img_size:
     mixer, FFN and the rest, by ablation (see the module docstring)."""
     if models is None:
         models = list(REPAFORMER_3_MODELS if device.startswith("cuda") else REPAFORMER_3_CPU_MODELS)
-    protocol_overrides = {"batch_size": REPAFORMER_3["batch_size"], **{k: v for k, v in protocol_overrides.items()
-                                                                       if v is not None}}
-    protocol = figure_protocol(REPAFORMER_3["protocol"], device, img_size, **protocol_overrides)
+    defaults = {"batch_size": REPAFORMER_3["batch_size"],
+                **({} if device.startswith("cuda") else REPAFORMER_3["cpu_timing"])}
+    asked = {k: v for k, v in protocol_overrides.items() if v is not None}
+    protocol = figure_protocol(REPAFORMER_3["protocol"], device, img_size, **{**defaults, **asked})
     meta = _meta_columns(device, describe(protocol, REPAFORMER_3["protocol"], device))
     task = progress.add_task("repaformer-3", total=len(models) * 4 * protocol.repeats) if progress else None
     rows = []
@@ -348,7 +361,7 @@ def _new_figure(width: float, height: float):
 
 def _subtitle(frame: pd.DataFrame, width: int = 110) -> str:
     first = frame.iloc[0]
-    return textwrap.fill(f"{first['device']} · {first['threads']} threads · {first['software']} · "
+    return textwrap.fill(f"{first['device']} · threads: {first['threads']} · {first['software']} · "
                          f"{first['protocol']}", width)
 
 
@@ -399,9 +412,10 @@ def plot_repaformer_3(frame: pd.DataFrame):
     ax.invert_yaxis()
     ax.set_xlim(0, 118)
     ax.set_xlabel(f"share of latency (%), batch {frame['batch_size'].iloc[0]}; total per batch at right")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(models)), ncol=5, fontsize=8,
+              frameon=False)
     fig.suptitle("RePaFormer Fig. 3: where the latency goes", fontsize=12)
-    fig.text(0.5, 0.0, _subtitle(frame), ha="center", va="bottom", fontsize=7)
+    ax.set_title(_subtitle(frame), fontsize=7)
     return fig
 
 
@@ -456,6 +470,7 @@ def _timing_options(command):
         click.option("--runs", type=int, help="forward passes per timing (default: the protocol's)"),
         click.option("--repeats", type=int, help="timings per variant, median taken (default: the protocol's)"),
         click.option("--warmup", type=int, help="forward passes before timing (default: the protocol's)"),
+        click.option("--threads", type=int, help="torch intra-op threads (default: torch's; 1 for repaformer-3 on CPU)"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
     for option in reversed(options):
@@ -463,10 +478,14 @@ def _timing_options(command):
     return command
 
 
-def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: bool, **kwargs):
+def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: bool, threads: int | None,
+         cpu_threads: int | None = None, **kwargs):
+    """Measure (under `threads`, else `cpu_threads` on CPU), then write the CSV and the PNG."""
     try:
         device = measure.resolve_device(device)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        if threads is None and not device.startswith("cuda"):
+            threads = cpu_threads
+        with torch_threads(threads), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=quiet, transient=True) as progress:
             frame = measure_frame(device=device, progress=progress, **kwargs)
     except (measure.MeasureError, measure.ModelNotImplemented) as e:
@@ -483,9 +502,9 @@ def figure_command():
 
 @figure_command.command("riformer-1")
 @_timing_options
-def riformer_1_command(device, results_dir, img_size, batch_size, runs, repeats, warmup, quiet):
+def riformer_1_command(device, results_dir, img_size, batch_size, runs, repeats, warmup, threads, quiet):
     """ViT-Base built up part by part; the token mixer's added latency and share."""
-    frame = _run("riformer-1", riformer_1, plot_riformer_1, device, results_dir, quiet, img_size=img_size,
+    frame = _run("riformer-1", riformer_1, plot_riformer_1, device, results_dir, quiet, threads, img_size=img_size,
                  batch_size=batch_size, runs=runs, repeats=repeats, warmup=warmup)
     if not quiet:
         shown = frame[["label", "latency_ms", "added_ms", "added_share_pct", "reported_added_ms",
@@ -499,12 +518,13 @@ def riformer_1_command(device, results_dir, img_size, batch_size, runs, repeats,
 @click.option("--all-models", is_flag=True, help="every model of the figure, also on CPU (slow)")
 @_timing_options
 def repaformer_3_command(models, all_models, device, results_dir, img_size, batch_size, runs, repeats, warmup,
-                         quiet):
+                         threads, quiet):
     """Share of patch embedding, token mixer and FFN in each model's latency (batch 1)."""
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if all_models:
         names = list(REPAFORMER_3_MODELS)
-    frame = _run("repaformer-3", repaformer_3, plot_repaformer_3, device, results_dir, quiet, models=names,
+    frame = _run("repaformer-3", repaformer_3, plot_repaformer_3, device, results_dir, quiet, threads,
+                 cpu_threads=REPAFORMER_3["cpu_threads"], models=names,
                  img_size=img_size, batch_size=batch_size, runs=runs, repeats=repeats, warmup=warmup)
     if not quiet:
         wide = frame.pivot(index="label", columns="component", values="share_pct")

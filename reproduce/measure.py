@@ -112,6 +112,37 @@ def count_macs(model: nn.Module, img_size: int, convention: str = "fvcore") -> f
         return analysis.total() / 1e9
 
 
+ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads")
+
+
+def architecture(model: nn.Module) -> dict:
+    """Width, depth and heads as the papers print them, read off the model's blocks.
+
+    A block is a module with a `norm1` and a channel MLP (`mlp` or `mlp_channels`). Consecutive
+    blocks of one width form a stage; several stages print as lists ([96, 192, 384, 768]),
+    one stage as numbers; models without attention print heads as "n/a".
+    """
+    blocks = [m for m in model.modules()
+              if hasattr(m, "norm1") and (hasattr(m, "mlp") or hasattr(m, "mlp_channels"))]
+    if not blocks:
+        raise MeasureError(f"{type(model).__name__}: no blocks with norm1 and an MLP to describe")
+    stages: list[list] = []
+    for block in blocks:
+        norm = block.norm1
+        width = getattr(norm, "normalized_shape", None)
+        width = width[0] if width else getattr(norm, "num_channels", None) or getattr(norm, "num_features", None)
+        heads = getattr(getattr(block, "attn", None), "num_heads", None)
+        if stages and stages[-1][0] == width:
+            stages[-1][1] += 1
+        else:
+            stages.append([width, 1, heads])
+    one = len(stages) == 1
+    widths, depths, heads = zip(*stages)
+    return {"embed_dim": widths[0] if one else list(widths),
+            "depth": depths[0] if one else list(depths),
+            "num_heads": "n/a" if heads[0] is None else heads[0] if one else list(heads)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Throughput
 

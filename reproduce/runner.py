@@ -296,7 +296,11 @@ class TableRun:
         if target.model not in self._models:
             self._models.clear()  # keep one model alive at a time
             self._models[target.model] = target.build()
-        value = getattr(self._models[target.model], attribute, None)
+        model = self._models[target.model]
+        if attribute in measure.ARCHITECTURE_KEYS:
+            value = measure.architecture(model)[attribute]
+        else:
+            value = getattr(model, attribute, None)
         if value is None:
             raise KeyError(f"{row.model} has no attribute '{attribute}'")
         return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else value
@@ -355,7 +359,7 @@ class TableRun:
                 return done(None, self.setting_value(row, column))
             except measure.ModelNotImplemented as e:
                 return done("pending", extra=f"pending: {e}")
-            except (KeyError, OSError, ValueError) as e:
+            except (KeyError, OSError, ValueError, measure.MeasureError) as e:
                 return done("pending", extra=f"setting not resolvable yet ({e}); fix the spec or recipe")
         kind = self.base_kind(column)
         value = (self.derived_value(row, column) if column.kind in DERIVED_KINDS

@@ -22,6 +22,8 @@ official checkpoint through the family's `checkpoint_filter_fn` (PVT, GFNet, ViG
 `build_model` below does both for the families with their own model classes; the families built
 by timm's `build_model_with_cfg` (mlp.py, metaformer_v2.py) and the RePa variants only refuse
 `pretrained=True` (`refuse_pretrained`).
+
+`init_vit_weights` is the weight init our own model classes apply after construction.
 """
 import sys
 from typing import Callable, Optional, Union
@@ -29,10 +31,11 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models import register_model
 
 __all__ = ["TIMM_ONLY_KWARGS", "imagenet_cfg", "refuse_pretrained", "strip_timm_kwargs", "unwrap_state_dict",
-           "load_local_checkpoint", "build_model", "register", "register_family_model"]
+           "load_local_checkpoint", "build_model", "register", "register_family_model", "init_vit_weights"]
 
 TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _LOCAL_FILE_HINT = ("pass checkpoint_path=<local file> to the model function, "
@@ -121,3 +124,15 @@ def register_family_model(module: str, name: str, doc: str, model_fn: Callable[.
                            checkpoint_path, filter_fn, load)
 
     return register(module, name, build, doc)
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """ViT-style init, for `model.apply`: truncated-normal (std 0.02) Linear weights, zero biases,
+    LayerNorm at ones / zeros; every other module keeps its own init."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -20,23 +20,11 @@ import re
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
+from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class GlobalFilter(nn.Module):
@@ -66,7 +54,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.filter = GlobalFilter(dim, grid_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)  # fc1, GELU, fc2, dropouts
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         # the hierarchical models scale the residual branch; the isotropic ones do not
         self.gamma = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
@@ -121,17 +109,7 @@ class GFNet(nn.Module):
         self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.stages[0].pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):

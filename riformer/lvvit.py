@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import imagenet_cfg, load_local_checkpoint, register_family_model, unwrap_state_dict
+from riformer._builder import (imagenet_cfg, init_vit_weights, load_local_checkpoint, register_family_model,
+                               unwrap_state_dict)
 
 __all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn",
            "load_local_checkpoint", "unwrap_state_dict"]
@@ -128,16 +129,6 @@ def make_stem(stem, embed_dim, in_chans, stem_width=64):
     if stem == "token_labeling":
         return TokenLabelingStem(embed_dim, stem_width, in_chans)
     raise ValueError(f"unknown stem {stem!r}")
-
-
-def init_vit_weights(module):
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class LVViT(nn.Module):

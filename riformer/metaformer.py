@@ -13,9 +13,9 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d
 
-from riformer._builder import imagenet_cfg, register_family_model
+from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
@@ -193,14 +193,7 @@ class MetaFormerV1(nn.Module):
         self.network = nn.ModuleList(network)
         self.norm = GroupNorm1(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
 
     def blocks(self):
         """All MetaFormer blocks in depth order (module imitation picks layers from this list)."""

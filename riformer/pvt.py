@@ -19,23 +19,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
+from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class SpatialReductionAttention(nn.Module):
@@ -75,7 +63,7 @@ class Block(nn.Module):
         self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)  # fc1, GELU, fc2, dropouts
 
     def forward(self, x, height, width):
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
@@ -157,17 +145,7 @@ class PyramidVisionTransformer(nn.Module):
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=0.02)
         trunc_normal_(self.stages[-1].cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from riformer._builder import load_local_checkpoint, register_family_model, unwrap_state_dict
-from riformer.lvvit import SIT_TEACHERS, LVViT, init_vit_weights, rename_stem_key, resize_pos_embed, _cfg
+from riformer._builder import init_vit_weights, load_local_checkpoint, register_family_model, unwrap_state_dict
+from riformer.lvvit import SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
            "checkpoint_filter_fn"]

@@ -13,15 +13,7 @@ from riformer.fold_extra import fold_layer_scales
 from riformer.metaformer import RIFormerBlock
 import timm
 
-from test_repa import assert_fold_is_exact, max_relative_error, randomize_
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import assert_fold_is_exact, max_relative_error, one_thread, randomize_  # noqa: F401  (one_thread: autouse fixture)
 
 
 def state(model):

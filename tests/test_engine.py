@@ -12,6 +12,8 @@ from reproduce.engine import EngineError, checkpoint
 from reproduce.engine import train as engine
 from reproduce.engine.recipe import RecipeError, load_recipe
 
+from helpers import one_thread  # noqa: F401  (autouse fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "riformer" / "base.yaml"
 
@@ -20,14 +22,6 @@ DETERMINISTIC = {
     "model": {"kwargs": {"drop_path_rate": 0.0}},
     "data": {"no_aug": True, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0, "label_smoothing": 0.0},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_recipe(folder: Path, fields: dict, name="recipe.yaml", base=BASE) -> Path:

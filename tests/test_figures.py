@@ -115,7 +115,7 @@ def test_riformer_1_writes_csv_and_png(tmp_path):
     assert frame["added_ms"].sum() == pytest.approx(frame["latency_ms"].iloc[-1], abs=0.01)
     assert (frame["latency_ms"] > 0).all()
     assert frame["device"].iloc[0] == measure.device_name("cpu")
-    assert "batch 1, 1 runs x 1 repeats" in frame["protocol"].iloc[0]
+    assert "batch 1, 1 passes × 1 repeats" in frame["protocol"].iloc[0]
 
 
 def test_repaformer_3_writes_csv_and_png(tmp_path):

@@ -3,16 +3,12 @@
 Reads only files: results/reference/repaformer-<n>.csv, recipes/tables/repaformer-<n>.yaml and
 recipes/protocols/repaformer.yaml (formats in docs/architecture.md and docs/adding-a-table.md).
 """
-import csv
-from pathlib import Path
-
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import HEADER, ROOT, first_seen, read_reference, read_spec
+
 TABLES = [1, 2, 3, 4, 7, 8]
-HEADER = ["table", "row", "label", "group", "column", "reported", "unit",
-          "epochs_600", "finetuned_384", "cnn_teacher", "in22k", "note"]
 KINDS = {"setting", "params", "macs", "throughput", "gain", "ratio", "accuracy"}
 NUMERIC_KINDS = {"params", "macs", "throughput", "gain", "ratio", "accuracy"}
 CONVENTIONS = {"fvcore", "fvcore+attn"}
@@ -28,20 +24,12 @@ KNOWN_INCONSISTENT = {
 
 def load(number):
     table_id = f"repaformer-{number}"
-    with open(ROOT / "results" / "reference" / f"{table_id}.csv", newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        records = [dict(zip(header, values)) for values in reader]
-    spec = yaml.safe_load((ROOT / "recipes" / "tables" / f"{table_id}.yaml").read_text())
-    return table_id, header, records, spec
+    header, records = read_reference(table_id)
+    return table_id, header, records, read_spec(table_id)
 
 
 def cells_by_key(records):
     return {(r["row"], r["column"]): r for r in records}
-
-
-def first_seen(values):
-    return list(dict.fromkeys(values))
 
 
 @pytest.mark.parametrize("number", TABLES)

@@ -1,33 +1,12 @@
 """SiT (ECCV 2022) Tables 2-10: reference CSVs and table specs agree with each other and with
 the data contracts of docs/architecture.md and docs/adding-a-table.md."""
-import csv
-from pathlib import Path
-
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import FLAGS, HEADER, ROOT, UNITS, first_seen, read_reference, read_spec
+
 TABLE_IDS = [f"sit-{n}" for n in range(2, 11)]
-HEADER = ["table", "row", "label", "group", "column", "reported", "unit",
-          "epochs_600", "finetuned_384", "cnn_teacher", "in22k", "note"]
-UNITS = {"", "M", "G", "img/s", "%", "x"}
-FLAGS = ("epochs_600", "finetuned_384", "cnn_teacher", "in22k")
 NOT_REPORTED = "-"   # a printed dash: the paper has no value there
-
-
-def read_reference(table_id):
-    with open(ROOT / "results" / "reference" / f"{table_id}.csv", newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        return header, [dict(zip(header, line)) for line in reader]
-
-
-def read_spec(table_id):
-    return yaml.safe_load((ROOT / "recipes" / "tables" / f"{table_id}.yaml").read_text())
-
-
-def first_seen(values):
-    return list(dict.fromkeys(values))
 
 
 @pytest.mark.parametrize("table_id", TABLE_IDS)

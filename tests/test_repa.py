@@ -7,7 +7,6 @@ backbones, a reduced depth with the real widths (`REDUCED`); `-m slow` runs ever
 depth and every idle ratio.
 """
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ import riformer  # noqa: F401  (before timm: torchvision shim)
 from riformer import repa
 from riformer.deploy import deploy
 import timm
+
+from helpers import assert_fold_is_exact, one_thread, randomize_  # noqa: F401  (one_thread: autouse fixture)
 
 THETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -43,69 +44,6 @@ REDUCED = {
 VARIANTS = list(repa.VARIANTS)
 # One variant per kind of block: ViT, Swin, LV-ViT, PoolFormer (NCHW, layer scale), Mixer.
 ONE_PER_BLOCK_KIND = ["repa_deit_tiny", "repa_swin_tiny", "repa_lvvit_s", "repa_poolformer_s12", "repa_mixer_b16"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomize_(model, seed=0):
-    """Random FFN weights, biases, BatchNorm affines *and running statistics*, layer scales, heads."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(shape, low=-1.0, high=1.0):
-        return torch.rand(shape, generator=g) * (high - low) + low
-
-    for module in model.modules():
-        if isinstance(module, repa.ChannelIdleFFN) and not module.deployed:
-            for fc in (module.fc1, module.fc2):
-                fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) / fc.in_features ** 0.5)
-                fc.bias.copy_(rand(fc.bias.shape, -0.2, 0.2))
-            for bn in (module.norm, module.norm_hidden):
-                bn.weight.copy_(rand(bn.weight.shape, 0.5, 1.5))
-                bn.bias.copy_(rand(bn.bias.shape, -0.2, 0.2))
-                bn.running_mean.copy_(rand(bn.running_mean.shape, -0.5, 0.5))
-                bn.running_var.copy_(rand(bn.running_var.shape, 0.5, 2.0))
-            if module.layer_scale is not None:  # PoolFormer's 1e-5 init would hide the FFN entirely
-                module.layer_scale.copy_(rand(module.layer_scale.shape, 0.5, 1.5))
-        elif isinstance(module, nn.Linear) and not module.weight.any():  # zero-initialized heads
-            module.weight.copy_(torch.randn(module.weight.shape, generator=g) / module.in_features ** 0.5)
-    return model
-
-
-def max_relative_error(reference, other):
-    return ((reference - other).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
-
-
-@torch.no_grad()
-def ffn_outputs(model, x):
-    """Output of every ChannelIdleFFN (in call order) and the model's own output."""
-    outputs = OrderedDict()
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out.clone()))
-             for name, m in model.named_modules() if isinstance(m, repa.ChannelIdleFFN)]
-    try:
-        outputs["<model output>"] = model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs
-
-
-def assert_fold_is_exact(model, x, tolerance, in_place=False):
-    """deploy(model) computes the same function; on failure, name the first FFN that diverges."""
-    before = ffn_outputs(model, x)
-    folded = deploy(model if in_place else copy.deepcopy(model))
-    after = ffn_outputs(folded, x)
-    assert list(before) == list(after)
-    for name, reference in before.items():
-        error = max_relative_error(reference, after[name])
-        assert error <= tolerance, f"{name} is the first module that diverges: max relative error {error:.2e}"
-    return folded
 
 
 def build(name, dtype=torch.float64, idle_ratio=None, **overrides):

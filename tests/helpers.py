@@ -1,0 +1,114 @@
+"""Helpers shared by several test modules (a plain module: `from helpers import ...`).
+
+* `one_thread`: an autouse fixture once imported into a test module; runs each test on one thread.
+* RePaFormer folds: `randomize_`, `max_relative_error`, `ffn_outputs`, `assert_fold_is_exact`.
+* Reference CSVs and table specs: `ROOT`, `HEADER`, `UNITS`, `FLAGS`, `read_reference`, `read_spec`,
+  `first_seen`.
+"""
+import copy
+import csv
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import riformer  # noqa: F401  (before timm: torchvision shim)
+from riformer import repa
+from riformer.deploy import deploy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run the test on one thread (the test machines share their cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- RePaFormer folds -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def randomize_(model, seed=0):
+    """Random FFN weights, biases, BatchNorm affines *and running statistics*, layer scales, heads."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, low=-1.0, high=1.0):
+        return torch.rand(shape, generator=g) * (high - low) + low
+
+    for module in model.modules():
+        if isinstance(module, repa.ChannelIdleFFN) and not module.deployed:
+            for fc in (module.fc1, module.fc2):
+                fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) / fc.in_features ** 0.5)
+                fc.bias.copy_(rand(fc.bias.shape, -0.2, 0.2))
+            for bn in (module.norm, module.norm_hidden):
+                bn.weight.copy_(rand(bn.weight.shape, 0.5, 1.5))
+                bn.bias.copy_(rand(bn.bias.shape, -0.2, 0.2))
+                bn.running_mean.copy_(rand(bn.running_mean.shape, -0.5, 0.5))
+                bn.running_var.copy_(rand(bn.running_var.shape, 0.5, 2.0))
+            if module.layer_scale is not None:  # PoolFormer's 1e-5 init would hide the FFN entirely
+                module.layer_scale.copy_(rand(module.layer_scale.shape, 0.5, 1.5))
+        elif isinstance(module, nn.Linear) and not module.weight.any():  # zero-initialized heads
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) / module.in_features ** 0.5)
+    return model
+
+
+def max_relative_error(reference, other):
+    return ((reference - other).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def ffn_outputs(model, x):
+    """Output of every ChannelIdleFFN (in call order) and the model's own output."""
+    outputs = OrderedDict()
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out.clone()))
+             for name, m in model.named_modules() if isinstance(m, repa.ChannelIdleFFN)]
+    try:
+        outputs["<model output>"] = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def assert_fold_is_exact(model, x, tolerance, in_place=False):
+    """deploy(model) computes the same function; on failure, name the first FFN that diverges."""
+    before = ffn_outputs(model, x)
+    folded = deploy(model if in_place else copy.deepcopy(model))
+    after = ffn_outputs(folded, x)
+    assert list(before) == list(after)
+    for name, reference in before.items():
+        error = max_relative_error(reference, after[name])
+        assert error <= tolerance, f"{name} is the first module that diverges: max relative error {error:.2e}"
+    return folded
+
+
+# --- reference CSVs and table specs ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ["table", "row", "label", "group", "column", "reported", "unit",
+          "epochs_600", "finetuned_384", "cnn_teacher", "in22k", "note"]
+UNITS = {"", "M", "G", "img/s", "%", "x"}
+FLAGS = ("epochs_600", "finetuned_384", "cnn_teacher", "in22k")
+
+
+def read_reference(table_id):
+    """(header, cells) of results/reference/<table_id>.csv, a cell being a dict keyed by the header."""
+    with open(ROOT / "results" / "reference" / f"{table_id}.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        return header, [dict(zip(header, line)) for line in reader]
+
+
+def read_spec(table_id):
+    """recipes/tables/<table_id>.yaml, parsed."""
+    with open(ROOT / "recipes" / "tables" / f"{table_id}.yaml", encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def first_seen(values):
+    """The distinct values in the order they first appear."""
+    return list(dict.fromkeys(values))
