@@ -12,7 +12,7 @@ from pathlib import Path
 import timm
 
 from reproduce import measure, report
-from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table
+from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table, table_ids
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
 
 STATIC = ("params", "macs")
@@ -49,7 +49,8 @@ def table_coverage(spec) -> dict[str, str]:
 
 def results_files(table_ids: list[str] | None, results_dir: Path | None = None) -> list[Path]:
     root = Path(results_dir or RESULTS_DIR)
-    files = [p for p in sorted(root.glob("*/*.csv")) if p.parent.name != "reference"]
+    tables = set(table_ids())  # figures and other CSVs share the device folders
+    files = [p for p in sorted(root.glob("*/*.csv")) if p.parent.name != "reference" and p.stem in tables]
     if table_ids is not None:
         files = [p for p in files if p.stem in table_ids]
     return files

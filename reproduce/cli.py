@@ -185,7 +185,8 @@ def diff(table_ids, all_results, results_dir, remeasure):
 @click.argument("models", nargs=-1, required=True)
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--form", type=click.Choice(["train", "deploy"]), default="train", show_default=True)
+@click.option("--form", type=click.Choice(measure.FORMS), default="train", show_default=True,
+              help="deploy+fold also folds RIFormer's layer scales (beyond the paper)")
 @click.option("--batch-size", default=None, type=int, help="default: the protocol's (CPU-scaled) batch")
 @click.option("--runs", default=None, type=int)
 @click.option("--repeats", default=None, type=int)

@@ -34,6 +34,11 @@ CONVENTIONS = {
 }
 
 
+# train: as built; deploy: riformer.deploy folds the training-time structure (the papers' inference
+# models); deploy+fold: also folds RIFormer's layer scales and norm2 affine (beyond the paper).
+FORMS = ("train", "deploy", "deploy+fold")
+
+
 class ModelNotImplemented(LookupError):
     """The suite has no implementation of this model (yet)."""
 
@@ -69,13 +74,19 @@ def build_model(name: str, model_kwargs: dict | None = None, form: str = "train"
     """
     if name is None or name not in timm.list_models():
         raise ModelNotImplemented(f"model not implemented: {name}")
+    if form not in FORMS:
+        raise MeasureError(f"unknown form '{form}'; choose from {', '.join(FORMS)}")
     with attention_through_sdpa() if for_counting else contextlib.nullcontext():
         model = timm.create_model(name, pretrained=False, **(model_kwargs or {})).eval()
-    if form == "deploy":
+    if form != "train":
         if not has_deploy_form(model):
             raise MeasureError(f"{name} has no deploy form (no module with switch_to_deploy); "
                                "use form: train for it")
         deploy(model)
+    if form == "deploy+fold":
+        from riformer.fold_extra import fold_layer_scales
+
+        fold_layer_scales(model)
     return model
 
 
