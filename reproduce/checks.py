@@ -47,12 +47,12 @@ def table_coverage(spec) -> dict[str, str]:
     return cov
 
 
-def results_files(table_ids: list[str] | None, results_dir: Path | None = None) -> list[Path]:
+def results_files(ids: list[str] | None, results_dir: Path | None = None) -> list[Path]:
     root = Path(results_dir or RESULTS_DIR)
     tables = set(table_ids())  # figures and other CSVs share the device folders
     files = [p for p in sorted(root.glob("*/*.csv")) if p.parent.name != "reference" and p.stem in tables]
-    if table_ids is not None:
-        files = [p for p in files if p.stem in table_ids]
+    if ids is not None:
+        files = [p for p in files if p.stem in ids]
     return files
 
 

@@ -229,17 +229,13 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
                   f"{proto.dtype} · {proto.runs} runs × {proto.repeats} repeats", highlight=False)
 
 
-def _register_optional_commands():
-    """Commands that live with their subsystem (training engine, figures)."""
-    try:
-        from reproduce.engine.cli import eval_command, train_command
-    except ImportError:
-        return
-    main.add_command(train_command, "train")
-    main.add_command(eval_command, "eval")
+# Commands that live with their subsystem.
+from reproduce.engine.cli import eval_command, train_command  # noqa: E402
+from reproduce.figures import figure_command  # noqa: E402
 
-
-_register_optional_commands()
+main.add_command(train_command, "train")
+main.add_command(eval_command, "eval")
+main.add_command(figure_command, "figure")
 
 if __name__ == "__main__":
     main()

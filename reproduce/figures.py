@@ -12,12 +12,15 @@ machine's drift hits them alike.
 Why ablation and not timing forward hooks (RePaFormer only says the running times "are recorded"):
   * it reuses the harness unchanged, so warm-up, `inference_mode`, synchronisation and the median
     of repeats are the same as for every table; hooks would be a second timer;
-  * on a GPU a hook can only time a module by synchronising around it, which serialises the
-    asynchronous launches and inflates short modules; the difference of two whole-model timings
-    needs no synchronisation inside the model and is the latency a user would actually save;
+  * on a GPU a hook can only time a module by synchronising around it (which serialises the
+    asynchronous launches and inflates short modules) or with CUDA events (yet another timer);
+    the difference of two whole-model timings needs no synchronisation inside the model and is
+    the latency a user would actually save;
   * it is the method RIFormer Fig. 1 describes (variants with and without each component).
 Its costs: four timings per model, and a small component's difference can drown in timing noise
-(the `other` share may even come out negative on a busy CPU; the CSV keeps it as measured).
+(the `other` share may even come out negative on a busy CPU; the CSV keeps it as measured). On
+CPU, Fig. 3 (batch 1) is timed on one thread with more, shorter repeats (`REPAFORMER_3`); on a
+shared machine its shares move by a few points from run to run.
 
 What the components are (module boundaries as in timm / the official code):
   * token mixer: `attn` (ViT/DeiT; Swin's window attention, whose shift and window partition stay
@@ -48,15 +51,14 @@ import torch
 import torch.nn as nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import measure, report
-from reproduce.registry import ROOT, RegistryError, load_protocol
+from reproduce import measure, report  # measure imports riformer, which must come before timm
+from reproduce.registry import RegistryError, load_protocol
+from reproduce.runner import RESULTS_DIR
 
 import timm.models.mlp_mixer as timm_mixer
 import timm.models.swin_transformer as timm_swin
 import timm.models.vision_transformer as timm_vit
 from riformer.metaformer import MetaFormerBlock
-
-RESULTS_DIR = ROOT / "results"
 
 # Block types the breakdown knows: where the token mixer and the FFN sit in each.
 BLOCK_PARTS = {
@@ -232,18 +234,12 @@ def time_variants(variants: dict[str, nn.Module], img_size: int, protocol: measu
                   advance=lambda: None) -> dict[str, dict]:
     """Latency per batch (ms) of each variant: the median over repeats, sampled round-robin."""
     timers = {name: measure.Timer(model, img_size, protocol, device) for name, model in variants.items()}
-    samples = {name: [] for name in timers}
-    for _ in range(protocol.repeats):
-        for name, timer in timers.items():
-            samples[name].append(timer.sample())
-            advance()
     results = {}
-    for name, timer in timers.items():
-        summary = measure.summarize(samples[name])
-        per_batch_ms = 1000 * timer.batch_size
+    for name, summary in measure.time_interleaved(timers, advance).items():
+        per_batch_ms = 1000 * summary["batch_size"]
         results[name] = {"latency_ms": per_batch_ms / summary["img_per_s"], "min_ms": per_batch_ms / summary["max"],
-                         "max_ms": per_batch_ms / summary["min"], "batch_size": timer.batch_size,
-                         "notes": timer.notes}
+                         "max_ms": per_batch_ms / summary["min"], "batch_size": summary["batch_size"],
+                         "notes": summary["notes"]}
     return results
 
 
@@ -466,11 +462,13 @@ def _timing_options(command):
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]"),
         click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)"),
         click.option("--img-size", default=224, show_default=True),
-        click.option("--batch-size", type=int, help="default: the protocol's (CPU-scaled on CPU)"),
+        click.option("--batch-size", type=int,
+                     help="default: the protocol's (CPU-scaled on CPU); 1 for repaformer-3"),
         click.option("--runs", type=int, help="forward passes per timing (default: the protocol's)"),
         click.option("--repeats", type=int, help="timings per variant, median taken (default: the protocol's)"),
         click.option("--warmup", type=int, help="forward passes before timing (default: the protocol's)"),
-        click.option("--threads", type=int, help="torch intra-op threads (default: torch's; 1 for repaformer-3 on CPU)"),
+        click.option("--threads", type=int,
+                     help="torch intra-op threads (default: torch's; 1 for repaformer-3 on CPU)"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
     for option in reversed(options):
@@ -485,8 +483,8 @@ def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: b
         device = measure.resolve_device(device)
         if threads is None and not device.startswith("cuda"):
             threads = cpu_threads
-        with torch_threads(threads), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=quiet, transient=True) as progress:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with torch_threads(threads), Progress(*columns, disable=quiet, transient=True) as progress:
             frame = measure_frame(device=device, progress=progress, **kwargs)
     except (measure.MeasureError, measure.ModelNotImplemented) as e:
         _fail(f"{figure_id}: {e}")

@@ -313,11 +313,21 @@ def summarize(samples: list[float]) -> dict:
             "samples": samples}
 
 
+def time_interleaved(timers: dict, advance: Callable[[], None] = lambda: None) -> dict:
+    """Sample every timer round-robin (a, b, a, b, ...) so that drift in the machine's speed hits
+    every model alike, then summarize each: {key: {img_per_s, min, max, samples, batch_size, notes}}."""
+    samples = {key: [] for key in timers}
+    for _ in range(max((t.protocol.repeats for t in timers.values()), default=0)):
+        for key, timer in timers.items():
+            samples[key].append(timer.sample())
+            advance()
+    return {key: {**summarize(samples[key]), "batch_size": timer.batch_size, "notes": timer.notes}
+            for key, timer in timers.items()}
+
+
 def measure_throughput(model: nn.Module, img_size: int, protocol: Protocol, device: str = "cpu") -> dict:
     """Median images/s over `protocol.repeats` timings of `protocol.runs` batches each."""
-    timer = Timer(model, img_size, protocol, device)
-    samples = [timer.sample() for _ in range(protocol.repeats)]
-    return {**summarize(samples), "batch_size": timer.batch_size, "notes": timer.notes}
+    return time_interleaved({"model": Timer(model, img_size, protocol, device)})["model"]
 
 
 def cache_key(**parts) -> str:

@@ -213,10 +213,8 @@ def resolve_table_id(table_id: str) -> str:
 
 def load_recipe(relpath: str) -> dict:
     """A training recipe by its path under recipes/ (the engine resolves `base:` inheritance)."""
-    try:
-        from reproduce.engine.recipe import load_recipe as engine_load_recipe
-    except ImportError:  # engine not installed in this build: plain YAML
-        return yaml.safe_load((RECIPES / relpath).read_text())
+    from reproduce.engine.recipe import load_recipe as engine_load_recipe
+
     return engine_load_recipe(RECIPES / relpath)
 
 

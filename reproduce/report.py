@@ -20,6 +20,9 @@ RESULT_COLUMNS = ["table", "row", "model", "column", "reported", "measured", "un
 STATUSES = ("match", "within_tolerance", "mismatch", "pending", "cited")
 STATUS_MARK = {"match": "✓", "within_tolerance": "≈", "mismatch": "✗", "pending": "…", "cited": "cited"}
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 _MINUS = str.maketrans({"−": "-", "–": "-", "×": "x"})
 
 
@@ -123,6 +126,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

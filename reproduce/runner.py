@@ -217,8 +217,8 @@ class TableRun:
         for t in targets:
             if cached := self.cache.get(key(t)):
                 results[t] = cached
-        # Time each pair interleaved (a, b, a, b, ...) so that drift in the machine's speed hits
-        # both sides of a gain alike; then the targets that are in no pair.
+        # Time the two sides of each gain interleaved (measure.time_interleaved); then the
+        # targets that are in no pair.
         pairs = self._throughput_pairs(targets)
         groups = [list(p) for p in pairs] + [[t] for t in sorted(targets, key=str) if not any(t in p for p in pairs)]
         todo = [g for g in ([t for t in g if t not in results] for g in groups) if g]
@@ -232,13 +232,8 @@ class TableRun:
                     t, lambda: measure.Timer(t.build(), t.img_size, self._protocol(t.img_size), self.device))
                 if timer:
                     timers[t] = timer
-            samples = {t: [] for t in timers}
-            for _ in range(max((timer.protocol.repeats for timer in timers.values()), default=0)):
-                for t, timer in timers.items():
-                    samples[t].append(timer.sample())
-            for t, timer in timers.items():
-                results[t] = {**measure.summarize(samples[t]), "batch_size": timer.batch_size, "notes": timer.notes,
-                              "interleaved_with": [u.label for u in timers if u != t]}
+            for t, result in measure.time_interleaved(timers).items():
+                results[t] = {**result, "interleaved_with": [u.label for u in timers if u != t]}
                 self.cache.put(key(t), results[t])
             timers.clear()
             progress.advance(task)
