@@ -224,6 +224,7 @@ class Protocol:
     seconds: bool = False     # LeViT's time-based loop: each pass timed alone until `runs` s
     channels_last: bool = False
     compile: bool = False
+    threads: int | None = None  # intra-op threads while timing (None: torch's default)
 
     @classmethod
     def for_device(cls, protocol: dict, device: str, img_size: int) -> "Protocol":
@@ -239,14 +240,27 @@ class Protocol:
                    repeats=int(section.get("repeats", 3)), warmup=int(section.get("warmup", 10)),
                    dtype=section.get("dtype", "float32"), amp=bool(section.get("amp", False)),
                    seconds=units.get("runs") == "s", channels_last=bool(section.get("channels_last", False)),
-                   compile=bool(section.get("compile", False)))
+                   compile=bool(section.get("compile", False)), threads=section.get("threads"))
 
     def describe(self) -> str:
         unit = "s" if self.seconds else " passes"
         precision = f"autocast {self.dtype}" if self.amp else self.dtype
+        threads = f", {self.threads} thread(s)" if self.threads else ""
         return (f"batch {self.batch_size}, {self.runs}{unit} × {self.repeats} repeats (median), "
                 f"warmup {self.warmup}{unit}, {precision}, channels_last={self.channels_last}, "
-                f"compile={self.compile}")
+                f"compile={self.compile}{threads}")
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """Time with `n` threads: on a small shared VM one thread is much steadier than all cores."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _sync(device: str):
@@ -273,7 +287,8 @@ class Timer:
             self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=weights)
             self.x = self.x.contiguous(memory_format=memory_format)
             try:
-                self._passes(protocol.warmup, by_time=protocol.seconds)
+                with intra_op_threads(protocol.threads):
+                    self._passes(protocol.warmup, by_time=protocol.seconds)
                 break
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -297,15 +312,16 @@ class Timer:
         return times
 
     def sample(self) -> float:
-        if self.protocol.seconds:  # LeViT: batch / mean time of one synchronised pass
-            times = self._passes(self.protocol.runs, by_time=True)
-            return self.batch_size * len(times) / sum(times)
-        start = time.perf_counter()
-        with torch.inference_mode(), self.autocast:
-            for _ in range(self.protocol.runs):
-                self.model(self.x)
-        _sync(self.device)
-        return self.batch_size * self.protocol.runs / (time.perf_counter() - start)
+        with intra_op_threads(self.protocol.threads):
+            if self.protocol.seconds:  # LeViT: batch / mean time of one synchronised pass
+                times = self._passes(self.protocol.runs, by_time=True)
+                return self.batch_size * len(times) / sum(times)
+            start = time.perf_counter()
+            with torch.inference_mode(), self.autocast:
+                for _ in range(self.protocol.runs):
+                    self.model(self.x)
+            _sync(self.device)
+            return self.batch_size * self.protocol.runs / (time.perf_counter() - start)
 
 
 def summarize(samples: list[float]) -> dict:

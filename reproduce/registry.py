@@ -46,6 +46,7 @@ class ColumnSpec:
     over: str | None = None        # gain/ratio: denominator column of the same row
     over_row: str | None = None    # gain/ratio: "baseline" = the same column in the row's baseline
     model_from: str | None = None  # measure the model named in this row field (e.g. teacher)
+    derive_reported: bool = False  # gain/ratio the paper does not print: computed from printed operands
     source: str | None = None      # setting: where the value comes from
     values: dict | None = None     # setting: value -> printed form
     recipe: str | None = None      # setting: recipe used for every row of this column (Table 10)
@@ -112,8 +113,13 @@ def unknown_table_message(table_id: str) -> str:
     return f"unknown table '{table_id}'.{hint} Known tables: {', '.join(ids)}"
 
 
+def _show(path: Path) -> str:
+    """A path as a user would type it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _fail(path: Path, message: str):
-    raise RegistryError(f"{path.relative_to(ROOT)}: {message}")
+    raise RegistryError(f"{_show(path)}: {message}")
 
 
 def _check_fields(path, where, data, allowed):
@@ -151,7 +157,7 @@ def _row(path, rid, data, defaults) -> RowSpec:
 def read_reference(table_id: str) -> pd.DataFrame:
     path = REFERENCE_DIR / f"{table_id}.csv"
     if not path.exists():
-        raise RegistryError(f"no reference CSV for {table_id}: expected {path.relative_to(ROOT)}")
+        raise RegistryError(f"no reference CSV for {table_id}: expected {_show(path)}")
     ref = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(ref.columns) != REFERENCE_COLUMNS:
         _fail(path, f"header must be {','.join(REFERENCE_COLUMNS)}")
@@ -169,7 +175,7 @@ def load_table(table_id: str) -> TableSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise RegistryError(f"{path.relative_to(ROOT)}: not valid YAML: {e}") from None
+        raise RegistryError(f"{_show(path)}: not valid YAML: {e}") from None
     _check_fields(path, "the spec", data, _TABLE_FIELDS)
     for key in ("paper", "number", "title", "columns", "rows"):
         if key not in data:
@@ -191,7 +197,7 @@ def load_table(table_id: str) -> TableSpec:
         for ref_col in (col.of, col.over):
             if ref_col and ref_col not in columns:
                 _fail(path, f"column '{col.id}' refers to unknown column '{ref_col}'")
-    reference = read_reference(table_id)
+    reference = _with_derived_references(read_reference(table_id), columns, rows)
     missing_rows = sorted(set(reference["row"]) - set(rows))
     missing_cols = sorted(set(reference["column"]) - set(columns))
     if missing_rows:
@@ -201,6 +207,33 @@ def load_table(table_id: str) -> TableSpec:
     return TableSpec(id=table_id, paper=data["paper"], number=int(data["number"]), title=data["title"],
                      protocol=data.get("protocol"), columns=columns, rows=rows, reference=reference,
                      spec_path=path)
+
+
+def _with_derived_references(ref: pd.DataFrame, columns: dict, rows: dict) -> pd.DataFrame:
+    """Add the cells of `derive_reported` columns: the paper's gain computed from its printed operands.
+
+    RIFormer Table 8 prints each model's throughput but not the gains it argues with; deriving them
+    (and saying so in the note) lets the measured gains be compared with the paper's claim.
+    """
+    printed = {(r.row, r.column): r for r in ref.itertuples()}
+    extra = []
+    for col in columns.values():
+        if not col.derive_reported:
+            continue
+        for row in rows.values():
+            over_row = row.id if col.over else row.baseline
+            a, b = printed.get((row.id, col.of)), printed.get((over_row, col.over or col.of))
+            if not (a and b and over_row) or (row.id, col.id) in printed:
+                continue
+            x, y = float(a.reported), float(b.reported)
+            value = f"{100 * (x / y - 1):+.1f}" if col.kind == "gain" else f"{x / y:.2f}"
+            extra.append({**a._asdict(), "column": col.id, "reported": value, "unit": col.unit,
+                          "note": f"not printed: computed from the printed {col.of} ({a.reported} over "
+                                  f"{b.reported} of {b.label})"})
+    if not extra:
+        return ref
+    extra = pd.DataFrame(extra).drop(columns="Index")
+    return pd.concat([ref, extra], ignore_index=True)
 
 
 def resolve_table_id(table_id: str) -> str:
@@ -221,5 +254,5 @@ def load_recipe(relpath: str) -> dict:
 def load_protocol(name: str) -> dict:
     path = RECIPES / "protocols" / f"{name}.yaml"
     if not path.exists():
-        raise RegistryError(f"unknown throughput protocol '{name}': expected {path.relative_to(ROOT)}")
+        raise RegistryError(f"unknown throughput protocol '{name}': expected {_show(path)}")
     return yaml.safe_load(path.read_text())

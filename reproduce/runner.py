@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,8 @@ class TableRun:
         self.protocol_spec = load_protocol(spec.protocol) if spec.protocol else None
         self.values: dict[tuple[str, str], float] = {}   # (row, column) -> measured number
         self.notes: dict[tuple[str, str], str] = {}
+        self.ranges: dict[tuple[str, str], tuple[float, float]] = {}  # timing min/max of throughput cells
+        self.samples: dict[tuple[str, str], tuple] = {}   # (timing session, per-round images/s)
         self.failures: dict[Target, str] = {}             # why a target could not be measured
         self._models: dict[str, object] = {}              # model whose attributes settings read
         self.protocols_used: dict[int, measure.Protocol] = {}
@@ -217,10 +220,9 @@ class TableRun:
         for t in targets:
             if cached := self.cache.get(key(t)):
                 results[t] = cached
-        # Time the two sides of each gain interleaved (measure.time_interleaved); then the
-        # targets that are in no pair.
-        pairs = self._throughput_pairs(targets)
-        groups = [list(p) for p in pairs] + [[t] for t in sorted(targets, key=str) if not any(t in p for p in pairs)]
+        # Every target linked to another through a gain is timed in one interleaved group
+        # (measure.time_interleaved), so that each gain compares timings taken side by side.
+        groups = _connected_groups(sorted(targets, key=str), self._throughput_pairs(targets))
         todo = [g for g in ([t for t in g if t not in results] for g in groups) if g]
         task = progress.add_task(f"{self.spec.id}: throughput", total=len(todo))
         for group in todo:
@@ -232,8 +234,9 @@ class TableRun:
                     t, lambda: measure.Timer(t.build(), t.img_size, self._protocol(t.img_size), self.device))
                 if timer:
                     timers[t] = timer
+            session = hashlib.sha1(f"{dt.datetime.now().isoformat()}{sorted(map(str, timers))}".encode()).hexdigest()[:12]
             for t, result in measure.time_interleaved(timers).items():
-                results[t] = {**result, "interleaved_with": [u.label for u in timers if u != t]}
+                results[t] = {**result, "session": session, "interleaved_with": [u.label for u in timers if u != t]}
                 self.cache.put(key(t), results[t])
             timers.clear()
             progress.advance(task)
@@ -241,24 +244,55 @@ class TableRun:
             result = results.get(self.target(row, column))
             if result:
                 self.values[(row.id, column.id)] = result["img_per_s"]
+                self.ranges[(row.id, column.id)] = (result["min"], result["max"])
+                self.samples[(row.id, column.id)] = (result.get("session"), result["samples"])
                 spread = (f"batch {result['batch_size']}, median of {len(result['samples'])} timings, "
                           f"range {result['min']:.1f}–{result['max']:.1f}")
                 self.notes[(row.id, column.id)] = "; ".join([spread, *(result.get("notes") or [])])
 
     # -- derived, settings, accuracy -----------------------------------------------------------------
-    def derived_value(self, row, column):
-        of = self.values.get((row.id, column.of))
+    def _operands(self, row, column) -> tuple[tuple, tuple] | None:
+        """The (row, column) cells a derived column divides or subtracts."""
         if column.over:
-            over = self.values.get((row.id, column.over))
-        elif row.baseline:
-            over = self.values.get((row.baseline, column.of))
-        else:
+            return (row.id, column.of), (row.id, column.over)
+        if row.baseline:
+            return (row.id, column.of), (row.baseline, column.of)
+        return None
+
+    def _paired_ratios(self, operands) -> list[float] | None:
+        """Per-round ratios of two throughputs timed interleaved in one session, else None."""
+        (sa, a), (sb, b) = (self.samples.get(o, (None, [])) for o in operands)
+        if sa is None or sa != sb or len(a) != len(b) or not a:
             return None
+        return [x / y for x, y in zip(a, b)]
+
+    def derived_range(self, row, column) -> tuple[float, float, str] | None:
+        """A throughput gain's range: over the paired rounds if timed side by side, else the
+        crude bound from the two timing ranges (slowest over fastest and the reverse)."""
+        operands = self._operands(row, column)
+        if not operands or not all(o in self.ranges for o in operands):
+            return None
+        scale = (lambda r: 100 * (r - 1)) if column.kind == "gain" else (lambda r: r)
+        ratios = self._paired_ratios(operands)
+        if ratios:
+            return scale(min(ratios)), scale(max(ratios)), f"over {len(ratios)} interleaved rounds"
+        (a_lo, a_hi), (b_lo, b_hi) = (self.ranges[o] for o in operands)
+        return scale(a_lo / b_hi), scale(a_hi / b_lo), "from the two timing ranges"
+
+    def derived_value(self, row, column):
+        operands = self._operands(row, column)
+        if operands is None:
+            return None
+        of, over = (self.values.get(o) for o in operands)
         if of is None or over is None or (over == 0 and column.kind != "difference"):
             return None
         if column.kind == "difference":
             return of - over
-        return 100.0 * (of / over - 1.0) if column.kind == "gain" else of / over
+        # Throughputs timed side by side: the median of the per-round ratios cancels drift
+        # that a ratio of two medians keeps.
+        ratios = self._paired_ratios(operands)
+        ratio = statistics.median(ratios) if ratios else of / over
+        return 100.0 * (ratio - 1.0) if column.kind == "gain" else ratio
 
     def setting_value(self, row, column):
         source = column.source or row.source
@@ -332,15 +366,15 @@ class TableRun:
         base = {"table": self.spec.id, "row": row.id, "model": self.target(row, column).model or "",
                 "column": column.id, "reported": ref.reported, "unit": ref.unit or column.unit,
                 "measured": "", "delta": ""}
-        notes = [n for n in (row.note, row.cell_notes.get(column.id, ""), column.note) if n]
+        notes = [n for n in (row.cell_notes.get(column.id, ""), ref.note, row.note, column.note) if n]
 
-        def done(status, measured=None, extra=None):
+        def done(status, measured=None, extra=None, device_bound=False):
             if extra:
                 notes.insert(0, extra)
             if measured is not None:
                 state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind)
                 base.update(measured=report.format_measured(measured, ref.reported, column.kind),
-                            delta=report.format_delta(delta, ref.reported))
+                            delta="" if device_bound else report.format_delta(delta, ref.reported))
                 how = report.coarser_printing(ref.reported, measured) if state == "within_tolerance" else None
                 if how:
                     notes.insert(0, f"the printed value is the measured one {how} at the printed precision.")
@@ -379,18 +413,32 @@ class TableRun:
                         else "pending: not measured")
         if column.kind == "throughput":
             return self._throughput_cell(ref, value, done)
+        spread = self.derived_range(row, column) if kind == "throughput" else None
+        if spread:
+            notes.insert(0, f"median of per-round ratios; range {spread[0]:+.1f} to {spread[1]:+.1f} {spread[2]}."
+                         if "rounds" in spread[2] else f"range {spread[0]:+.1f} to {spread[1]:+.1f} {spread[2]}.")
+        if kind == "throughput" and not self.on_paper_device():
+            notes.append(f"Gain measured on {self.env['device']} ({self.protocol_used_text()}); the paper's is on "
+                         f"{self.protocol_spec.get('paper_device')}: gains travel better than absolute images/s, but "
+                         "the relative cost of layers (pooling, norms, matmuls) still differs between devices.")
         return done(None, value)
+
+    def on_paper_device(self) -> bool:
+        return measure.same_device(self.protocol_spec.get("paper_device", ""), self.env["device"])
+
+    def protocol_used_text(self) -> str:
+        return "; ".join(f"@{size}: {p.describe()}" for size, p in sorted(self.protocols_used.items())) or "cached"
 
     def _throughput_cell(self, ref, value, done):
         extra = self.notes.get((ref.row, ref.column), "")
         paper_device = self.protocol_spec.get("paper_device", "the paper's GPU")
         ours = self.env["device"]
-        if measure.same_device(paper_device, ours):
+        if self.on_paper_device():
             return done(None, value, extra)
-        return done("pending", value,
-                    f"absolute images/s are device-bound: printed on {paper_device}, measured here on {ours} "
-                    f"({extra}); the gain columns carry the comparison; to compare absolutes run "
-                    f"`reproduce table {self.spec.id} --columns throughput --device cuda` on {paper_device}.")
+        why = (f"absolute images/s are device-bound: printed on {paper_device}, measured here on {ours} "
+               f"({extra}); the gain columns carry the comparison; to compare absolutes run "
+               f"`reproduce table {self.spec.id} --columns throughput --device cuda` on {paper_device}.")
+        return done("pending", value, extra=why, device_bound=True)
 
     def collect_accuracy(self):
         for ref in self.spec.reference.itertuples():
@@ -424,6 +472,22 @@ class TableRun:
             for size, proto in sorted(self.protocols_used.items()):
                 meta[f"protocol run here @{size}"] = proto.describe() + ", interleaved with the baseline of each gain"
         return meta
+
+
+def _connected_groups(items: list, pairs: list[tuple]) -> list[list]:
+    """Items joined by pairs into groups (connected components), in first-seen order."""
+    group_of = {item: [item] for item in items}
+    for a, b in pairs:
+        if group_of[a] is not group_of[b]:
+            merged = group_of[a] + group_of[b]
+            for item in merged:
+                group_of[item] = merged
+    seen, groups = set(), []
+    for item in items:
+        if id(group_of[item]) not in seen:
+            seen.add(id(group_of[item]))
+            groups.append(group_of[item])
+    return groups
 
 
 def results_paths(table_id: str, device: str, results_dir: Path | None = None) -> tuple[Path, Path]:
