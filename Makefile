@@ -17,7 +17,7 @@ test: setup  ## the test suite (slow and GPU tests are skipped with their reason
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q --runslow -m slow
 
 diff: setup  ## committed results against the references, with params and MACs measured again
 	$(REPRODUCE) diff --all --remeasure

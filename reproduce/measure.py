@@ -284,9 +284,9 @@ class Timer:
         self.batch_size = protocol.batch_size
         self.notes: list[str] = []
         while True:
-            self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=weights)
-            self.x = self.x.contiguous(memory_format=memory_format)
-            try:
+            try:  # the input alone may not fit: allocate it inside the guard too
+                self.x = torch.randn(self.batch_size, 3, img_size, img_size, device=device, dtype=weights)
+                self.x = self.x.contiguous(memory_format=memory_format)
                 with intra_op_threads(protocol.threads):
                     self._passes(protocol.warmup, by_time=protocol.seconds)
                 break
@@ -295,6 +295,7 @@ class Timer:
                     raise MeasureError("out of memory at batch size 1") from None
                 self.batch_size //= 2
                 self.notes.append(f"out of memory: batch halved to {self.batch_size}")
+                self.x = None
                 torch.cuda.empty_cache()
 
     def _pass(self) -> float:
