@@ -11,7 +11,7 @@ from pathlib import Path
 
 import timm
 
-from reproduce import measure, report
+from reproduce import report
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table, table_ids
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
 

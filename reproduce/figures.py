@@ -37,21 +37,17 @@ the shares are comparable, and only roughly.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import tempfile
 import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 import click
 import pandas as pd
-import torch
 import torch.nn as nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import measure, report  # measure imports riformer, which must come before timm
+from reproduce import files, measure  # measure imports riformer, which must come before timm
 from reproduce.registry import RegistryError, load_protocol
 from reproduce.runner import RESULTS_DIR
 
@@ -211,18 +207,6 @@ def figure_protocol(name: str, device: str, img_size: int, **overrides) -> measu
         raise measure.MeasureError(str(e)) from None
     protocol = measure.Protocol.for_device(spec, device, img_size)
     return replace(protocol, **{k: v for k, v in overrides.items() if v is not None})
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run with `threads` intra-op threads (None: leave torch's setting), then restore it."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def describe(protocol: measure.Protocol, name: str, device: str) -> str:
@@ -425,24 +409,13 @@ def figure_paths(figure_id: str, device: str, results_dir: Path | None = None) -
 
 
 def save_png(fig, path: Path) -> None:
-    """Like report.atomic_write_text: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=150)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
 def write_figure(figure_id: str, frame: pd.DataFrame, fig, device: str,
                  results_dir: Path | None = None) -> tuple[Path, Path]:
     csv_path, png_path = figure_paths(figure_id, device, results_dir)
-    report.atomic_write_text(csv_path, frame.to_csv(index=False))
+    files.atomic_write_text(csv_path, frame.to_csv(index=False))
     save_png(fig, png_path)
     return csv_path, png_path
 
@@ -484,7 +457,7 @@ def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: b
         if threads is None and not device.startswith("cuda"):
             threads = cpu_threads
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with torch_threads(threads), Progress(*columns, disable=quiet, transient=True) as progress:
+        with measure.intra_op_threads(threads), Progress(*columns, disable=quiet, transient=True) as progress:
             frame = measure_frame(device=device, progress=progress, **kwargs)
     except (measure.MeasureError, measure.ModelNotImplemented) as e:
         _fail(f"{figure_id}: {e}")

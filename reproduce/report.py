@@ -5,23 +5,19 @@ The results CSV is a contract (docs/architecture.md): one line per cell,
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
+from reproduce.files import atomic_write_text
+
 RESULT_COLUMNS = ["table", "row", "model", "column", "reported", "measured", "unit", "delta", "status", "note"]
 STATUSES = ("match", "within_tolerance", "mismatch", "pending", "cited")
 STATUS_MARK = {"match": "✓", "within_tolerance": "≈", "mismatch": "✗", "pending": "…", "cited": "cited"}
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 _MINUS = str.maketrans({"−": "-", "–": "-", "×": "x"})
 
@@ -114,24 +110,6 @@ def format_delta(delta: float | None, reported: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def cells_frame(cells: list[dict]) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import measure, report
+from reproduce import files, measure, report
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, load_protocol, load_recipe
 
 RESULTS_DIR = ROOT / "results"
@@ -56,7 +56,7 @@ class MeasurementCache:
 
     def put(self, key: str, value) -> None:
         if self.enabled:
-            report.atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}))
+            files.atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}))
 
 
 def accuracy_command(spec: TableSpec, row_id: str) -> str:
@@ -172,13 +172,12 @@ class TableRun:
                     if model is None:
                         break
                     value = self._measure_or_fail(
-                        target, lambda: measure.count_macs(model, target.img_size, target.convention) if macs
-                        else measure.count_params(model))
+                        target, lambda m=model: measure.count_macs(m, target.img_size, target.convention) if macs
+                        else measure.count_params(m))
                     if value is None:
                         break
                     self.cache.put(key, value)
                 self.values[(target.row, column.id)] = value
-            del model
             progress.advance(task)
 
     # -- throughput -------------------------------------------------------------------------------
@@ -511,5 +510,5 @@ def run_table(spec: TableSpec, device: str = "cpu", kinds: set[str] | None = Non
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: order.get((frame.row[i], frame.column[i]), math.inf))]
     frame = frame.reset_index(drop=True)
     report.write_csv(frame, csv_path)
-    report.atomic_write_text(md_path, report.render_markdown(spec, frame, run.meta()))
+    files.atomic_write_text(md_path, report.render_markdown(spec, frame, run.meta()))
     return frame, csv_path, md_path

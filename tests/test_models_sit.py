@@ -4,7 +4,6 @@ import torch
 
 import riformer  # noqa: F401  (before timm)
 import riformer.lvvit  # noqa: F401  (registers the models)
-import riformer.sit
 import timm
 from fvcore.nn import FlopCountAnalysis
 from riformer.deploy import deploy

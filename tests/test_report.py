@@ -1,7 +1,8 @@
 """Cell statuses: printed precision, tolerances, truncation, settings; atomic writes."""
 import pytest
 
-from reproduce.report import atomic_write_text, coarser_printing, compare, parse_number
+from reproduce.files import atomic_write_text
+from reproduce.report import coarser_printing, compare, parse_number
 
 
 @pytest.mark.parametrize("text, value, decimals", [

@@ -2,38 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from reproduce import files
 from reproduce.engine import EngineError
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsync, then os.replace: a failure at any
-    point (a full disk, a kill) leaves the previous file as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """files.atomic_write, with the error a training run can act on."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        files.atomic_write(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         kept = "the previous one is intact" if path.exists() else "no previous one exists"
         raise EngineError(f"could not write {path} ({err.strerror or err}); {kept}: free space in "
                           f"{path.parent} and rerun with --resume") from None
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def save_torch(obj, path) -> None:

@@ -46,7 +46,6 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size
                         num_classes=1000, split="validation", batch_size=64, workers=4, deploy=False,
                         dataset="", interpolation="bicubic", model_kwargs=None) -> dict:
     """`reproduce eval`: build the model, load the checkpoint (deploy form if asked), evaluate."""
-    import riformer  # noqa: F401  (registers the suite's models; must precede timm's torchvision import)
     from riformer.deploy import deploy as fold
     from reproduce.engine.distill import load_into
 

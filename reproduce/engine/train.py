@@ -207,7 +207,7 @@ def train_one_epoch(run, progress) -> dict:
         run.imitation.remove()  # its epochs are over: stop hooking and stop running its teacher
         run.imitation = run.imitation_teacher = None
     task = progress.add_task(f"epoch {run.epoch + 1}/{run.total_epochs}", total=run.steps_per_epoch)
-    loss_sum, sums = 0.0, {}
+    sums = {}
     for i, (images, targets) in enumerate(run.train_loader):
         if i == run.steps_per_epoch:
             break
