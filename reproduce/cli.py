@@ -225,8 +225,8 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
                      str(result["batch_size"]), f"{params:.2f}")
     out.print(grid)
     env = measure.environment(device)
-    console.print(f"{env['device']} · torch {env['torch']} · timm {env['timm']} · {env['threads']} threads · "
-                  f"{proto.dtype} · {proto.runs} runs × {proto.repeats} repeats", highlight=False)
+    console.print(f"{env['device']} · torch {env['torch']} · timm {env['timm']} · {proto.describe()}"
+                  + ("" if proto.threads else f", {env['threads']} threads"), highlight=False)
 
 
 # Commands that live with their subsystem.

@@ -461,7 +461,8 @@ class TableRun:
     def meta(self) -> dict:
         meta = {"device": self.env["device"], "device tag": measure.device_tag(self.device),
                 "software": f"torch {self.env['torch']}, timm {self.env['timm']}, python {self.env['python']}",
-                "threads": self.env["threads"], "date": dt.date.today().isoformat(),
+                "torch threads (counting; timing: see protocol)": self.env["threads"],
+                "date": dt.date.today().isoformat(),
                 "code fingerprint": self.fingerprint}
         for key in ("cuda", "cudnn", "driver"):
             if self.env.get(key):

@@ -17,7 +17,6 @@ state-dict key), so it is not counted as a parameter. Below 224 px the last stag
 than k x dilation nodes: we then shrink the dilation (and k) to what the graph holds, which
 never happens at 224.
 """
-import math
 from functools import partial
 
 import torch
