@@ -44,6 +44,17 @@ _NO_LOCAL_FILE_HINT = ("build it with pretrained=False and train it, or load a c
                        "layout with timm.create_model(name, checkpoint_path=<local file>)")
 
 
+class LinearHead:
+    """timm's classifier interface for models whose head is one `nn.Linear` on `num_features`."""
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
 def imagenet_cfg(first_conv: str, classifier: str = "head", img_size: int = 224, **overrides) -> dict:
     """A default cfg for timm: ImageNet-1k at `img_size`, bicubic, crop 0.9, ImageNet mean/std."""
     return {"url": "", "num_classes": 1000, "input_size": (3, img_size, img_size), "crop_pct": 0.9,

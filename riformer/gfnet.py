@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
+from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -88,7 +88,7 @@ class Stage(nn.Module):
         return self.blocks(x).permute(0, 3, 1, 2)
 
 
-class GFNet(nn.Module):
+class GFNet(LinearHead, nn.Module):
     def __init__(self, embed_dims, depths, patch_size, img_size=224, mlp_ratio=4.0, layer_scale_init=None,
                  in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0):
         super().__init__()
@@ -114,13 +114,6 @@ class GFNet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"stages.0.pos_embed"}
-
-    def get_classifier(self):
-        return self.head
-
-    def reset_classifier(self, num_classes, global_pool=None):
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x):
         for stage in self.stages:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
-from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model
+from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
@@ -163,7 +163,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class MetaFormerV1(nn.Module):
+class MetaFormerV1(LinearHead, nn.Module):
     """Four stages of `block` separated by downsampling, as in the official PoolFormer.
 
     `network` alternates stages and downsampling layers (network.0 = stage 1, network.1 = the
@@ -198,13 +198,6 @@ class MetaFormerV1(nn.Module):
     def blocks(self):
         """All MetaFormer blocks in depth order (module imitation picks layers from this list)."""
         return [blk for stage in self.network if isinstance(stage, nn.Sequential) for blk in stage]
-
-    def get_classifier(self):
-        return self.head
-
-    def reset_classifier(self, num_classes, global_pool=None):
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x):
         x = self.patch_embed(x)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
+from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -120,7 +120,7 @@ class Stage(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
 
 
-class PyramidVisionTransformer(nn.Module):
+class PyramidVisionTransformer(LinearHead, nn.Module):
     def __init__(self, depths, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
                  mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size=4, img_size=224,
                  in_chans=3, num_classes=1000, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
@@ -150,13 +150,6 @@ class PyramidVisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {f"stages.{len(self.stages) - 1}.cls_token"}
-
-    def get_classifier(self):
-        return self.head
-
-    def reset_classifier(self, num_classes, global_pool=None):
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x):
         for stage in self.stages:
