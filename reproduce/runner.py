@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -27,13 +28,14 @@ CACHE_DIR = Path(os.environ.get("REPRODUCE_CACHE", ROOT / ".cache" / "measuremen
 MEASURABLE = ("params", "macs", "throughput")
 
 
+@lru_cache(maxsize=None)
 def source_fingerprint() -> str:
     """Hash of the code that defines models and counting: a change invalidates cached numbers."""
+    sources = sorted((ROOT / "riformer").glob("*.py")) + [ROOT / "reproduce" / "measure.py",
+                                                           ROOT / "reproduce" / "op_counters.py"]
     digest = hashlib.sha1()
-    for folder in (ROOT / "riformer", ROOT / "reproduce"):
-        for path in sorted(folder.glob("*.py")):
-            if path.name in ("measure.py", "op_counters.py") or folder.name == "riformer":
-                digest.update(path.read_bytes())
+    for path in sources:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
