@@ -33,7 +33,8 @@ def table_coverage(spec) -> dict[str, str]:
         if kind == "setting":
             can[kind] += bool((spec.columns[ref.column].source or row.source)) and not row.cited
         elif kind == "accuracy":
-            can[kind] += bool(row.recipe and (RECIPES / row.recipe).exists())  # given ImageNet
+            recipe = spec.recipe_of(row.id, ref.column)
+            can[kind] += bool(recipe and (RECIPES / recipe).exists())  # given ImageNet
         else:
             can[kind] += bool(row.model in known and not row.cited and not row.pending)
     cov = {k: (f"{can[k]}/{total[k]}" if total[k] else "–") for k in ("static", "throughput", "accuracy", "setting")}

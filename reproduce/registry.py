@@ -62,7 +62,8 @@ class RowSpec:
     form: str = "train"
     macs_convention: str = "fvcore"
     baseline: str | None = None
-    recipe: str | None = None
+    recipe: str | None = None      # the one training run behind every accuracy cell of the row
+    recipes: dict = field(default_factory=dict)  # {accuracy column: recipe}: one run per cell
     pending: str | None = None
     cited: str | None = None
     note: str = ""
@@ -89,6 +90,25 @@ class TableSpec:
 
     def tolerance(self, column: ColumnSpec) -> float | None:
         return column.tolerance if column.tolerance is not None else DEFAULT_TOLERANCE[column.kind]
+
+    # One run per accuracy cell: which recipe trains it and which run folder holds its result.
+    def recipe_of(self, row_id: str, column_id: str) -> str | None:
+        """The recipe (path under recipes/) whose run fills this accuracy cell, if the spec names one.
+
+        A row's `recipes: {column: recipe}` gives each column its own run (SiT Table 5: one teacher
+        per column); a row's `recipe:` is one run whose result fills the row's own accuracy cells.
+        A `model_from` column (e.g. the teacher's top-1) is another model: no row recipe fills it."""
+        row, column = self.rows[row_id], self.columns[column_id]
+        if column_id in row.recipes:
+            return row.recipes[column_id]
+        return None if column.model_from else row.recipe
+
+    def run_name(self, row_id: str, column_id: str) -> str:
+        """The folder under runs/<table>/ whose result.json fills this accuracy cell."""
+        row, column = self.rows[row_id], self.columns[column_id]
+        if column_id in row.recipes:
+            return f"{row_id}--{column_id}"
+        return f"{row_id}--{column.model_from}" if column.model_from else row_id
 
 
 _ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "settings")}
@@ -151,6 +171,8 @@ def _row(path, rid, data, defaults) -> RowSpec:
         _fail(path, f"row '{rid}' has form {known['form']!r}; expected train or deploy")
     if known.get("model_kwargs") is None:
         known.pop("model_kwargs", None)
+    if not isinstance(known.get("recipes", {}), dict):
+        _fail(path, f"row '{rid}' has recipes {known['recipes']!r}; expected a mapping {{column: recipe}}")
     return RowSpec(id=rid, settings=settings, **known)
 
 
@@ -193,6 +215,9 @@ def load_table(table_id: str) -> TableSpec:
         for col in columns.values():
             if col.model_from and col.model_from not in row.settings and not (row.cited or row.pending):
                 _fail(path, f"row '{row.id}' lacks field '{col.model_from}' that column '{col.id}' measures")
+        for cid in row.recipes:
+            if cid not in columns or columns[cid].kind != "accuracy":
+                _fail(path, f"row '{row.id}' names a recipe for '{cid}', which is not an accuracy column")
     for col in columns.values():
         for ref_col in (col.of, col.over):
             if ref_col and ref_col not in columns:

@@ -61,8 +61,9 @@ class MeasurementCache:
             files.atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}))
 
 
-def accuracy_command(spec: TableSpec, row_id: str) -> str:
-    return (f"reproduce train {spec.id} {row_id} --data /path/to/imagenet --scale full --nproc 8 "
+def accuracy_command(spec: TableSpec, row_id: str, column_id: str | None = None) -> str:
+    column = f" --column {column_id}" if column_id in spec.rows[row_id].recipes else ""
+    return (f"reproduce train {spec.id} {row_id}{column} --data /path/to/imagenet --scale full --nproc 8 "
             f"&& reproduce table {spec.id} --columns accuracy")
 
 
@@ -336,8 +337,7 @@ class TableRun:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else value
 
     def accuracy_value(self, row, column):
-        run = row.id + (f"--{column.model_from}" if column.model_from else "")
-        path = RUNS_DIR / self.spec.id / run / "result.json"
+        path = RUNS_DIR / self.spec.id / self.spec.run_name(row.id, column.id) / "result.json"
         if not path.exists():
             return None
         result = json.loads(path.read_text())
@@ -353,12 +353,12 @@ class TableRun:
     def pending_accuracy_note(self, row, column) -> str:
         if column.kind in DERIVED_KINDS:
             return f"pending: computed from {column.of} and {column.over or 'the baseline row'}, which need ImageNet-1k"
-        if row.recipe and not column.model_from and (RECIPES / row.recipe).exists():
-            return f"needs ImageNet-1k: `{accuracy_command(self.spec, row.id)}`"
+        recipe = self.spec.recipe_of(row.id, column.id)
+        if recipe and (RECIPES / recipe).exists():
+            return f"needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
         model = self.target(row, column).model or "MODEL"
-        run = row.id + (f"--{column.model_from}" if column.model_from else "")
         return (f"needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
-                f"--data /path/to/imagenet --output runs/{self.spec.id}/{run}`")
+                f"--data /path/to/imagenet --output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}`")
 
     def cell(self, ref) -> dict | None:
         if ref.reported in NOT_REPORTED:

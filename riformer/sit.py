@@ -18,14 +18,17 @@ inserted three times, at the stage boundaries of SiT Table 2a (`stage_depths`, e
   `switch_to_deploy()` (called by `riformer.deploy.deploy`) deletes it; `training_only_params`
   counts it.
 
-Forward contract:
-* eval mode: logits (B, classes); for the `_dist` variants the mean of the class and distillation
-  heads (DeiT-style).
-* training mode: `SiTTrainOutput(logits, dist_logits, block_tokens)`, the order of the official
-  code: `dist_logits` is the distillation-token head's output (for L_hard, Eq. 8) or `logits`
-  again without one; `block_tokens` has one (B, N, C) tensor per block, the RTSM-recovered patch
-  tokens (the block's own tokens before the first slimming), to be matched with the teacher's
-  `LVViT.forward_block_tokens` output by MSE (L_token, Eq. 6).
+Forward contract (timm's, as for timm's distilled DeiT with `distilled_training` off):
+* `forward(x) == forward_head(forward_features(x))`: logits (B, classes) in training and eval mode
+  alike; for the `_dist` variants the mean of the class and distillation heads (DeiT-style), so a
+  standard classification loop trains and evaluates every SiT.
+* `forward_train(x)` is what feature recalibration distillation calls:
+  `SiTTrainOutput(logits, dist_logits, block_tokens)`, the order of the official code:
+  `dist_logits` is the distillation-token head's output (for L_hard, Eq. 8) or `logits` again
+  without one; `block_tokens` has one (B, N, C) tensor per block, the RTSM-recovered patch tokens
+  (the block's own tokens before the first slimming), to be matched with the teacher's
+  `LVViT.forward_block_tokens` output (L_token, Eq. 6-7). Without RTSM (after deploy, or
+  `recalibration=False`) `block_tokens` is empty.
 
 Parameter counts (aux token-labeling head included, RTSM excluded) reproduce SiT Table 2a and
 Table 3 (15.9/25.6/25.6/55.6/148.2M and 16.2/26.0/26.0/56.2M for the ‡ rows).
@@ -203,10 +206,10 @@ class SiT(LVViT):
         pos = torch.cat([self.pos_embed[:, :1], self.dist_pos_embed, self.pos_embed[:, 1:]], dim=1)
         return self.pos_drop(x + pos)
 
-    def forward_blocks(self, x):
-        """Run the blocks and slimmers; also return the recovered tokens when training with RTSM."""
+    def forward_blocks(self, x, recover=False):
+        """Run the blocks and slimmers; with `recover`, also the RTSM-recovered tokens of every block."""
         block_tokens = []
-        recover = self.training and self.rtsm is not None
+        recover = recover and self.rtsm is not None
         p = self.num_prefix_tokens
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -220,16 +223,28 @@ class SiT(LVViT):
     def forward_features(self, x):
         return self.forward_blocks(self.embed(x))[0]
 
-    def forward(self, x):
-        x, block_tokens = self.forward_blocks(self.embed(x))
+    def _heads(self, x):
         logits = self.head(x[:, 0])
-        dist_logits = self.head_dist(x[:, 1]) if self.num_prefix_tokens == 2 else logits
-        if self.training:
-            return SiTTrainOutput(logits, dist_logits, block_tokens)
+        return logits, (self.head_dist(x[:, 1]) if self.num_prefix_tokens == 2 else logits)
+
+    def forward_head(self, x, pre_logits=False):
+        if self.num_prefix_tokens == 1:
+            return super().forward_head(x, pre_logits)
+        if pre_logits:
+            return (x[:, 0] + x[:, 1]) / 2
+        logits, dist_logits = self._heads(x)
         return (logits + dist_logits) / 2
 
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_train(self, x) -> SiTTrainOutput:
+        """Both heads' logits and the recovered tokens of every block (feature recalibration distillation)."""
+        x, block_tokens = self.forward_blocks(self.embed(x), recover=True)
+        return SiTTrainOutput(*self._heads(x), block_tokens)
+
     def forward_block_tokens(self, x):
-        raise NotImplementedError("a SiT student's FRD tokens come from forward() in training mode")
+        raise NotImplementedError("a SiT student's FRD tokens come from forward_train()")
 
     def switch_to_deploy(self):
         """Drop the training-only recalibration branch (RTSM)."""

@@ -43,13 +43,24 @@ def test_sit_train_and_eval_forwards(name):
     model = timm.create_model(name, img_size=SMALL, num_classes=10)
     assert model.stage_tokens == [16, 8, 4, 2]  # keep ratio 0.5 of the 4x4 grid, three times
     x = torch.randn(2, 3, SMALL, SMALL)
-    out = model.train()(x)
+    out = model.train().forward_train(x)
     assert isinstance(out, SiTTrainOutput)
     assert out.logits.shape == out.dist_logits.shape == (2, 10)
     assert len(out.block_tokens) == len(model.blocks)
     # FRD compares with the teacher's tokens: every block gives the full token count back.
     assert all(t.shape == (2, 16, model.embed_dim) for t in out.block_tokens)
     assert model.eval()(x).shape == (2, 10)
+    # timm's contract in both modes: forward is forward_head of forward_features, a tensor.
+    for mode in (True, False):
+        model.train(mode)
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(0)
+        b = model.forward_head(model.forward_features(x))
+        assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    model.eval()
+    logits, dist_logits, _ = model.forward_train(x)
+    assert torch.allclose(model(x), (logits + dist_logits) / 2, atol=1e-6)
 
 
 def test_token_counts_follow_resolution_and_keep_ratio():
@@ -75,7 +86,7 @@ def test_table7_slimmings(slimming, layout, tokens):
     model = timm.create_model("sit_ti", img_size=SMALL, num_classes=10, slimming=slimming, strided_layout=layout)
     assert model.stage_tokens == tokens
     x = torch.randn(1, 3, SMALL, SMALL)
-    assert all(t.shape == (1, 16, 320) for t in model.train()(x).block_tokens)
+    assert all(t.shape == (1, 16, 320) for t in model.train().forward_train(x).block_tokens)
     assert model.eval()(x).shape == (1, 10)
 
 

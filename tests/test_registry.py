@@ -55,3 +55,65 @@ def test_a_bad_spec_names_the_file_and_the_field(scratch_registry, break_spec, m
     with pytest.raises(registry.RegistryError) as error:
         registry.load_table("riformer-1")
     assert message in str(error.value) and "riformer-1.yaml" in str(error.value)
+
+
+@pytest.fixture
+def scratch_sit5(tmp_path, monkeypatch):
+    """sit-5 (one teacher per column) in a scratch registry, its rows editable."""
+    tables, reference = tmp_path / "tables", tmp_path / "reference"
+    tables.mkdir()
+    reference.mkdir()
+    shutil.copy(registry.REFERENCE_DIR / "sit-5.csv", reference)
+    spec = yaml.safe_load((registry.TABLES_DIR / "sit-5.yaml").read_text())
+    monkeypatch.setattr(registry, "TABLES_DIR", tables)
+    monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
+    registry.load_table.cache_clear()
+
+    def write(**rows):
+        for row, fields in rows.items():
+            spec["rows"][row].update(fields)
+        (tables / "sit-5.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        registry.load_table.cache_clear()
+        return registry.load_table("sit-5")
+
+    yield write
+    registry.load_table.cache_clear()
+
+
+def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_sit5, tmp_path, monkeypatch):
+    import json
+
+    from reproduce import runner
+    from reproduce.engine import EngineError
+    from reproduce.engine.cli import cell_run
+
+    spec = scratch_sit5(scratch={"recipes": {"self": "sit/table5/scratch_self.yaml",
+                                             "cait": "sit/table5/scratch_cait.yaml"}})
+    assert spec.recipe_of("scratch", "self") == "sit/table5/scratch_self.yaml"
+    assert spec.recipe_of("scratch", "regnet") is None  # no recipe of its own, and no row recipe
+    assert [spec.run_name("scratch", c) for c in ("self", "cait")] == ["scratch--self", "scratch--cait"]
+    assert spec.run_name("fine_tuning", "self") == "fine_tuning"
+
+    # `reproduce train` asks which column; each column trains into its own folder.
+    with pytest.raises(EngineError, match=r"add --column \(self, cait\)"):
+        cell_run("sit-5", "scratch", None)
+    with pytest.raises(EngineError, match="no recipe of its own for column 'regnet'"):
+        cell_run("sit-5", "scratch", "regnet")
+    recipe, run_name, _ = cell_run("sit-5", "scratch", "cait")
+    assert recipe.name == "scratch_cait.yaml" and run_name == "scratch--cait"
+
+    # One result fills one cell: the CaiT column stays pending although the Self run finished.
+    monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
+    folder = tmp_path / "runs" / "sit-5" / "scratch--self"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"top1": 79.5, "scale": "full"}))
+    run = runner.TableRun(spec, "cpu", kinds={"accuracy"}, show_progress=False)
+    frame = run.run().set_index(["row", "column"])
+    assert frame.loc[("scratch", "self"), "measured"] == "79.500"
+    assert frame.loc[("scratch", "cait"), "status"] == "pending"
+    assert "--output runs/sit-5/scratch--cait`" in frame.loc[("scratch", "cait"), "note"]  # its own folder
+
+
+def test_a_recipe_for_a_column_that_is_not_an_accuracy_column_is_refused(scratch_sit5):
+    with pytest.raises(registry.RegistryError, match="'selfie', which is not an accuracy column"):
+        scratch_sit5(scratch={"recipes": {"selfie": "sit/x.yaml"}})

@@ -22,21 +22,31 @@ RECIPES = ROOT / "recipes"
 RUNS = ROOT / "runs"
 
 
-def recipe_of(table: str, row: str) -> Path:
-    """The recipe behind a row's accuracy cells, as the table spec names it."""
-    from reproduce.registry import load_table
+def cell_run(table: str, row: str, column: str | None, recipe_option: str | None = None) -> tuple[Path, str, str | None]:
+    """(recipe, run folder name, column) of the accuracy cell(s) TABLE ROW [--column COLUMN] trains."""
+    from reproduce.registry import RegistryError, load_table
 
-    rows = load_table(table).rows
-    if row not in rows:
-        raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(rows)})")
-    recipe = getattr(rows[row], "recipe", None)
+    try:
+        spec = load_table(table)
+    except RegistryError as err:
+        raise EngineError(str(err)) from None
+    if row not in spec.rows:
+        raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(spec.rows)})")
+    spec_row = spec.rows[row]
+    own_runs = [c for c in spec.columns if c in spec_row.recipes]  # in the table's column order
+    if column is None and own_runs:
+        raise EngineError(f"row {row} of {table} trains one run per column: add --column ({', '.join(own_runs)})")
+    if column is not None and column not in own_runs:
+        own = f"its columns: {', '.join(own_runs)}" if own_runs else "drop --column"
+        raise EngineError(f"row {row} of {table} has no recipe of its own for column {column!r} ({own})")
+    recipe = recipe_option or (spec.recipe_of(row, column) if column else spec_row.recipe)
     if not recipe:
         raise EngineError(f"row {row} of {table} has no `recipe:` in recipes/tables/{table}.yaml")
-    return RECIPES / recipe
+    return (Path(recipe) if recipe_option else RECIPES / recipe), spec.run_name(row, column) if column else row, column
 
 
-def _command_line(table, row, scale, data, nproc, recipe_option) -> str:
-    parts = ["reproduce", "train", table, row, "--scale", scale]
+def _command_line(table, row, column, scale, data, nproc, recipe_option) -> str:
+    parts = ["reproduce", "train", table, row] + (["--column", column] if column else []) + ["--scale", scale]
     if data:
         parts += ["--data", data]
     if nproc > 1:
@@ -69,16 +79,18 @@ def _relaunch_under_torchrun(nproc: int) -> int:
 @click.command("train")
 @click.argument("table")
 @click.argument("row")
+@click.option("--column", type=str, default=None, help="the accuracy column, for rows that train one run per column")
 @click.option("--data", type=str, default=None, help="dataset root (ImageFolder: train/ and validation/ folders)")
 @click.option("--scale", type=click.Choice(["smoke", "full"]), default="full", show_default=True,
               help="smoke: tiny images, few steps, generated data unless --data")
 @click.option("--nproc", type=int, default=1, show_default=True, help="processes (GPUs) on this node")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="default runs/<table>/<row>")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="default runs/<table>/<row> (runs/<table>/<row>--<column> with --column)")
 @click.option("--resume", is_flag=True, help="continue from <output>/checkpoint.pt")
 @click.option("--recipe", "recipe_option", type=str, default=None,
               help="a recipe file to use instead of the one the table names")
-def train_command(table, row, data, scale, nproc, output, resume, recipe_option):
-    """Train the recipe behind one accuracy cell (TABLE ROW) and evaluate it."""
+def train_command(table, row, column, data, scale, nproc, output, resume, recipe_option):
+    """Train the recipe behind one accuracy cell (TABLE ROW [--column C]) and evaluate it."""
     from reproduce.engine import distributed
 
     try:
@@ -87,17 +99,18 @@ def train_command(table, row, data, scale, nproc, output, resume, recipe_option)
         from reproduce.engine.recipe import load_recipe
         from reproduce.engine.train import train
 
-        path = Path(recipe_option) if recipe_option else recipe_of(table, row)
+        path, run_name, column = cell_run(table, row, column, recipe_option)
         recipe = load_recipe(path, scale=scale)
-        output = output or RUNS / table / row
+        output = output or RUNS / table / run_name
         world = int(os.environ.get("WORLD_SIZE", nproc))
-        info = {"recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
-                "command": _command_line(table, row, scale, data, world, recipe_option)}
+        info = {"table": table, "row": row, "column": column,
+                "recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+                "command": _command_line(table, row, column, scale, data, world, recipe_option)}
         result = train(recipe, data=data, output=output, resume=resume, info=info)
     except EngineError as err:
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", 0)) == 0:
-        click.echo(f"{table}/{row}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({scale}) "
+        click.echo(f"{table}/{run_name}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({scale}) "
                    f"-> {output / 'result.json'}")
 
 

@@ -239,7 +239,8 @@ def trim_log(run) -> None:
 
 def finish(run, metrics: dict, info: dict) -> dict:
     """Save the final model in its train and deploy forms, then the cell's result.json."""
-    result = {"top1": metrics["top1"], "top5": metrics["top5"], "scale": run.recipe["scale"],
+    result = {**{k: info[k] for k in ("table", "row", "column") if k in info},
+              "top1": metrics["top1"], "top5": metrics["top5"], "scale": run.recipe["scale"],
               "data": run.data_root, "epochs": run.total_epochs, "recipe": info.get("recipe", run.recipe["path"]),
               "command": info.get("command", ""), "model": run.recipe["model"]["name"]}
     if "teacher_top1" in info:
