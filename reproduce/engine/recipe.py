@@ -65,7 +65,7 @@ SCHEMA = {
         "eps": _NUM,
         "betas": list,
         "clip_grad": (_NUM, type(None)),
-        "recalibration_lr_base": _NUM,      # SiT: lr of the recalibration branch (RTSM), scaled like lr_base
+        "recalibration_lr_base": (_NUM, type(None)),  # SiT: lr of the recalibration branch (RTSM), scaled like lr_base
     },
     "schedule": {
         "name": str,
@@ -116,10 +116,13 @@ CHOICES = {"amp": {"bf16", "fp16", "off"}, "distill.type": {"none", "soft", "har
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced."""
+    """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced. A dict with
+    `_replace: true` replaces instead of merging (e.g. another teacher's kwargs in a smoke section)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.get("_replace"):
+            out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "_replace"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -348,15 +348,15 @@ class TokenLabeling:
         return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def build_dataset(recipe: dict, images, output: Path, ctx, generated: bool):
-    """The training set with its label maps: the recipe's label_root, or (smoke runs on generated
-    data) maps generated beside the images."""
+def build_dataset(recipe: dict, images, output: Path, ctx):
+    """The training set with its label maps: the recipe's label_root, or (smoke runs, label_root
+    null) maps generated under the run folder."""
     from reproduce.engine import distributed
 
     cfg = recipe["token_labeling"]
     label_root = cfg.get("label_root")
     if not label_root:
-        if not generated:
+        if recipe["scale"] != "smoke":
             raise EngineError(f"{recipe['path']}: field `token_labeling.label_root` is missing: point it at the "
                               "token-label maps (the NFNet-F6 maps the TokenLabeling project publishes)")
         label_root = output / "generated-labels"

@@ -81,7 +81,7 @@ def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     for dataset in (train_set, val_set):
         check_classes(dataset, num_classes, root, f"recipe {recipe['path']} (model.num_classes)")
     if recipe.get("token_labeling", {}).get("enabled"):  # LV-ViT teachers: the images with their label maps
-        train_set = token_labeling.build_dataset(recipe, train_set, output, ctx, generated=data is None)
+        train_set = token_labeling.build_dataset(recipe, train_set, output, ctx)
     workers = cfg_data.get("workers", 8)
     run.train_loader = train_loader(train_set, per_process, workers, ctx.rank, ctx.world, recipe.get("seed", 0),
                                     cfg_data.get("repeated_aug", False))
