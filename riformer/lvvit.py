@@ -262,7 +262,7 @@ def mix_tokens(x, box, dims):
 def rename_stem_key(key):
     """patch_embed.conv{i}/bn{i} of the official code -> patch_embed.convs.{i-1}.conv/bn."""
     parts = key.split(".")
-    if parts[0] != "patch_embed" or len(parts) < 3 or parts[1] == "proj":
+    if parts[0] != "patch_embed" or len(parts) < 3 or parts[1] in ("proj", "convs"):  # convs: ours already
         return key
     layer = parts[1]
     kind = "conv" if layer.startswith("conv") else "bn"

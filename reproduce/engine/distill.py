@@ -85,6 +85,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, teacher_name: str 
                               f"{key} is {tuple(theirs[key].shape)} in the teacher, {tuple(own[key].shape)} in "
                               "the student (a teacher of another width or size?)")
         own[key] = theirs[key]
+    extra = [k for k in theirs if k not in own] if prefixes else []
+    if extra:  # e.g. an LV-ViT deeper than the SiT student
+        raise EngineError(f"cannot initialize the student {type(student).__name__} from teacher {name}: the "
+                          f"student has no {extra[0]} ({len(extra)} teacher tensors unused): a teacher of another depth?")
     student.load_state_dict(own)
     return len(own) - len(keep)
 

@@ -96,6 +96,11 @@ class FRDStudent(nn.Module):
 
 # --- the loss ----------------------------------------------------------------------------------
 
+def _wide(t):
+    """float32 for the losses under fp16/bf16 autocast; float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class FRDLoss:
     def __init__(self, cfg: dict, label_smoothing: float, pairs: list[tuple[int, int]]):
         self.lambdas = {"token": cfg.get("lambda_token", 2.0), "logits": cfg.get("lambda_logits", 2.0),
@@ -108,12 +113,12 @@ class FRDLoss:
         """(total loss, {term: tensor}) of one batch; a term whose lambda is 0 is not computed."""
         terms = {"cls": self.label.label_loss(out.logits, targets)}
         if self.lambdas["token"]:
-            terms["token"] = sum(F.mse_loss(out.block_tokens[k].float(), teacher_tokens[t].float())
+            terms["token"] = sum(F.mse_loss(_wide(out.block_tokens[k]), _wide(teacher_tokens[t]))
                                  for k, (_, t) in enumerate(self.pairs)) / len(self.pairs)
         if self.lambdas["logits"]:
-            terms["logits"] = soft_distillation(out.logits.float(), teacher_logits.float(), self.tau)
+            terms["logits"] = soft_distillation(_wide(out.logits), _wide(teacher_logits), self.tau)
         if self.lambdas["hard"]:
-            terms["hard"] = hard_distillation(out.dist_logits.float(), cnn_logits.float())
+            terms["hard"] = hard_distillation(_wide(out.dist_logits), _wide(cnn_logits))
         total = terms["cls"] + sum(self.lambdas[k] * v for k, v in terms.items() if k != "cls")
         return total, terms
 

@@ -285,15 +285,16 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
     output.mkdir(parents=True, exist_ok=True)
     try:
         run = build(recipe, data, output, ctx)
+        teacher = run.teacher if run.teacher is not None else getattr(run.objective, "teacher", None)
+        if teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
+            # before the RNG is set: a loader's iterator draws from it, which would shift a resumed run
+            info["teacher_top1"] = evaluate(teacher, run.val_loader, ctx, run.amp)["top1"]
         if resume:
             restore_checkpoint(run)
             trim_log(run)
         else:
             seed_everything(recipe.get("seed", 0) + ctx.rank)  # augmentations differ across processes
         metrics = {"top1": float("nan"), "top5": float("nan")}
-        teacher = run.teacher if run.teacher is not None else getattr(run.objective, "teacher", None)
-        if teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
-            info["teacher_top1"] = evaluate(teacher, run.val_loader, ctx, run.amp)["top1"]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=not ctx.is_main, transient=True) as progress:
             while run.epoch < run.total_epochs:
