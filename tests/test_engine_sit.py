@@ -18,7 +18,7 @@ from reproduce.engine import train as engine
 from reproduce.engine.recipe import RecipeError, load_recipe
 from reproduce.registry import RECIPES, load_table
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+from helpers import kill_at_step, one_thread  # noqa: F401  (autouse fixture)
 
 SIT = RECIPES / "sit"
 SIT_RECIPES = sorted(p for p in SIT.rglob("*.yaml") if p.name != "base.yaml")
@@ -270,15 +270,7 @@ def test_killed_sit_run_resumes_to_the_same_weights(tmp_path, generated, monkeyp
                         base=SIT / "table5" / "fine_tuning_structure_regnet.yaml")
     recipe = load_recipe(path, scale="smoke")
     engine.train(recipe, data=generated, output=tmp_path / "straight")
-    real_step, calls = engine.training_step, {"n": 0}
-
-    def dies_in_epoch_two(run, images, targets):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real_step(run, images, targets)
-
-    monkeypatch.setattr(engine, "training_step", dies_in_epoch_two)
+    real_step = kill_at_step(engine, monkeypatch, 4)  # second step of the second epoch
     with pytest.raises(KeyboardInterrupt):
         engine.train(recipe, data=generated, output=tmp_path / "killed")
     monkeypatch.setattr(engine, "training_step", real_step)
