@@ -600,7 +600,7 @@ def plot_speed_accuracy(frame: pd.DataFrame, figure: dict):
     from matplotlib.lines import Line2D
 
     panels = sorted(set(frame["panel_index"]))
-    fig = _new_figure(6.5 * len(panels), 5.2)
+    fig = _new_figure(9 if len(panels) == 1 else 6.8 * len(panels), 6.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colors = {}
     for p, ax in zip(panels, axes):
@@ -648,9 +648,9 @@ def plot_speed_accuracy(frame: pd.DataFrame, figure: dict):
                 Line2D([], [], marker="|", ls="", color="black", label="throughput: median, bar = range")]
     if figure.get("size"):
         handles.append(Line2D([], [], ls="", label=f"marker area: {figure['size']['label']}"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
-    fig.suptitle(f"{figure['title']} (throughput measured here; accuracy where not measured: the paper's)",
-                 fontsize=11)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7.5, frameon=False)
+    fig.suptitle(f"{figure['title']}\nthroughput measured on this device; accuracy measured where a result "
+                 "exists, else the paper's", fontsize=10.5)
     axes[0].text(0, 1.06 if len(panels) > 1 or frame["panel"].iloc[0] else 1.01, _subtitle(frame, 100 * len(panels)),
                  transform=axes[0].transAxes, fontsize=6, va="bottom")
     return fig
