@@ -70,11 +70,11 @@ fi
 
 TAG=$("$PY" -c "from reproduce import measure; print(measure.device_tag('$DEVICE'))") || {
   echo "gpu_session.sh: cannot import the suite with $PY (see the error above)" >&2; exit 2; }
-OUT="$RESULTS/$TAG"
-mkdir -p "$OUT"
+DEST="$RESULTS/$TAG"
+mkdir -p "$DEST"
 STEPS="$SCRATCH/steps.tsv"
 : > "$STEPS"
-echo "gpu_session: device $DEVICE ($TAG), results in $OUT, deadline in $(( DEADLINE - START )) s"
+echo "gpu_session: device $DEVICE ($TAG), results in $DEST, deadline in $(( DEADLINE - START )) s"
 
 left() { echo $(( DEADLINE - $(date +%s) )); }
 
@@ -102,7 +102,7 @@ step() {
 }
 
 # 1. Device metadata (also what a reader of results/<device>/ needs about the machine).
-"$PY" - "$DEVICE" "$OUT/session-device.json" <<'EOF'
+"$PY" - "$DEVICE" "$DEST/session-device.json" <<'EOF'
 import json, subprocess, sys
 from reproduce import measure
 device, path = sys.argv[1], sys.argv[2]
@@ -120,9 +120,9 @@ EOF
 # machine lacks: start each table from the committed CPU results, so that only throughput is new.
 seed_static() {
   local table=$1 src
-  [ -f "$OUT/$table.csv" ] && return
+  [ -f "$DEST/$table.csv" ] && return
   src=$(ls results/cpu-*/"$table.csv" 2>/dev/null | head -n 1)
-  [ -n "$src" ] && cp "$src" "$OUT/$table.csv"
+  [ -n "$src" ] && cp "$src" "$DEST/$table.csv"
 }
 
 # 2. The CUDA tests (on CPU they are collected and skip with their reason).
@@ -168,7 +168,7 @@ else
 fi
 
 # Summary: what ran, what was interrupted or skipped, and how long each took.
-"$PY" - "$STEPS" "$OUT/session.json" "$OUT/session-device.json" "$SCRATCH" "$DRY" "$MINUTES" "${COUNTED:-protocol as written}" \
+"$PY" - "$STEPS" "$DEST/session.json" "$DEST/session-device.json" "$SCRATCH" "$DRY" "$MINUTES" "${COUNTED:-protocol as written}" \
   "${TIMED:-protocol as written}" <<'EOF'
 import datetime, json, subprocess, sys
 from pathlib import Path
@@ -188,14 +188,14 @@ json.dump(summary, open(out, "w"), indent=1)
 for s in steps:
     print(f"  {s['step']:<14} {s['status']:<12} {s['seconds']:>4} s  {s['note']}")
 EOF
-rm -f "$OUT/session-device.json"
+rm -f "$DEST/session-device.json"
 
 if [ -n "$BUNDLE" ]; then
   cache=${REPRODUCE_CACHE:-.cache/measurements}
-  tar -czf "$BUNDLE" "$OUT" $( [ -d "$cache" ] && echo "$cache" ) 2>/dev/null \
-    && echo "gpu_session: bundled $OUT and the measurement cache into $BUNDLE"
+  tar -czf "$BUNDLE" "$DEST" $( [ -d "$cache" ] && echo "$cache" ) 2>/dev/null \
+    && echo "gpu_session: bundled $DEST and the measurement cache into $BUNDLE"
 fi
 
 failed=$(awk -F'\t' '$2 == "failed"' "$STEPS" | wc -l)
-echo "gpu_session: finished in $(( $(date +%s) - START )) s; results in $OUT ($failed step(s) failed)"
+echo "gpu_session: finished in $(( $(date +%s) - START )) s; results in $DEST ($failed step(s) failed)"
 [ "$failed" = 0 ]

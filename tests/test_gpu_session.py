@@ -44,3 +44,15 @@ def test_without_cuda_the_real_run_refuses(tmp_path):
                          env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 2 and "sees no CUDA device" in run.stderr and "--dry-run" in run.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_table_rows_and_passes_are_checked(tmp_path):
+    from click.testing import CliRunner
+
+    from reproduce.cli import main
+
+    result = CliRunner().invoke(main, ["table", "riformer-8", "--rows", "poolformer_s9,nope",
+                                       "--results-dir", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2 and "riformer-8 has no row(s) nope" in result.output
+    result = CliRunner().invoke(main, ["table", "riformer-8", "--runs", "0", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--runs" in result.output
