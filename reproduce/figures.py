@@ -566,8 +566,12 @@ def speed_accuracy(figure: dict, device: str = "cpu", cache=None, progress: Prog
         ref = printed.get((row, column))
         return float(ref.reported) if ref and ref.reported not in NOT_REPORTED else None
 
-    meta = _meta_columns(device, "; ".join(f"{spec.protocol} @{size}{'' if device.startswith('cuda') else ' (CPU-scaled)'}: "
-                                           f"{p.describe()}" for size, p in sorted(run.protocols_used.items())) or "cached")
+    by_text: dict[str, list[int]] = {}   # one description per distinct protocol, with its image sizes
+    for size, protocol in sorted(run.protocols_used.items()):
+        by_text.setdefault(protocol.describe(), []).append(size)
+    scaled = "" if device.startswith("cuda") else " (CPU-scaled)"
+    meta = _meta_columns(device, "; ".join(f"{spec.protocol}{scaled} @{'/'.join(map(str, sizes))}: {text}"
+                                           for text, sizes in by_text.items()) or "cached")
     lines = []
     for p, panel in enumerate(figure["panels"]):
         for series in panel["series"]:
@@ -600,7 +604,7 @@ def plot_speed_accuracy(frame: pd.DataFrame, figure: dict):
     from matplotlib.lines import Line2D
 
     panels = sorted(set(frame["panel_index"]))
-    fig = _new_figure(9 if len(panels) == 1 else 6.8 * len(panels), 6.2)
+    fig = _new_figure(10.5 if len(panels) == 1 else 7.4 * len(panels), 6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colors = {}
     for p, ax in zip(panels, axes):
@@ -648,11 +652,10 @@ def plot_speed_accuracy(frame: pd.DataFrame, figure: dict):
                 Line2D([], [], marker="|", ls="", color="black", label="throughput: median, bar = range")]
     if figure.get("size"):
         handles.append(Line2D([], [], ls="", label=f"marker area: {figure['size']['label']}"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7.5, frameon=False)
+    fig.legend(handles=handles, loc="outside right center", fontsize=7.5, frameon=False)
     fig.suptitle(f"{figure['title']}\nthroughput measured on this device; accuracy measured where a result "
                  "exists, else the paper's", fontsize=10.5)
-    axes[0].text(0, 1.06 if len(panels) > 1 or frame["panel"].iloc[0] else 1.01, _subtitle(frame, 100 * len(panels)),
-                 transform=axes[0].transAxes, fontsize=6, va="bottom")
+    fig.supxlabel(_subtitle(frame, 120 * len(panels)), fontsize=6.5)
     return fig
 
 

@@ -100,6 +100,9 @@ def teachers_of(recipe: dict) -> list[dict]:
 # MACs (fvcore, cached; the GPU machine has no fvcore: then from the cache or left out)
 
 
+MACS_FAILURES: dict[str, str] = {}   # model -> why its MACs could not be counted (shown in the cell's note)
+
+
 def count_macs_cached(model: str, kwargs: dict, img_size: int, cache: MeasurementCache) -> float | None:
     key = measure.cache_key(kind="macs", model=model, kwargs=json.dumps(kwargs, sort_keys=True), form="train",
                             img_size=img_size, convention="fvcore+attn", code=source_fingerprint())
@@ -109,8 +112,10 @@ def count_macs_cached(model: str, kwargs: dict, img_size: int, cache: Measuremen
             built = measure.build_model(model, kwargs, for_counting=True)
             value = measure.count_macs(built, img_size, "fvcore+attn")
         except ImportError:   # no fvcore here (the GPU machine): the estimate stays blank
+            MACS_FAILURES[model] = "MACs not counted here (fvcore missing): run `reproduce plan` where it is"
             return None
-        except (measure.ModelNotImplemented, measure.MeasureError):
+        except Exception as e:  # a model the recipe cannot build: its cells say why, the plan goes on
+            MACS_FAILURES[model] = f"MACs of {model} not counted ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             return None
         cache.put(key, value)
     return value
@@ -331,10 +336,14 @@ class Planner:
                 "device": measure.device_tag(s.device),
                 "device_img_per_s": _fmt(run.rate["img_per_s"] if run and run.rate else None, 2),
                 "device_hours_estimate": _fmt(dev_h, 1),
-                "note": r["note"] or ("" if not run or run.step_gmacs is not None
-                                      else "MACs not counted here (fvcore missing): run `reproduce plan` where it is"),
+                "note": r["note"] or ("" if not run or run.step_gmacs is not None else self._macs_note(run)),
             })
         return pd.DataFrame(out)
+
+    @staticmethod
+    def _macs_note(run: RunCost) -> str:
+        models = [run.student] + [t.split(" (")[0] for t in run.teachers.split(" + ") if t]
+        return "; ".join(dict.fromkeys(MACS_FAILURES[m] for m in models if m in MACS_FAILURES)) or "MACs not counted"
 
     def totals(self, by: str) -> pd.DataFrame:
         """Per table or per paper: cells, distinct runs, GPU-hours (each run counted once)."""
@@ -489,13 +498,18 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
         raise SuiteError(str(e)) from None
     csv_path, md_path = write_plan(planner, ids, all_tables, results_dir)
     per_table = planner.totals("table")
-    grid = Table("table", "pending", "no path", "runs", f"GPU-h ({gpu}, est.)", f"days on {gpus}",
-                 "device-h" if measure_rates or len(per_table) and per_table["runs_with_device_rate"].sum() else "",
+    rates = bool(len(per_table)) and per_table["runs_with_device_rate"].sum() > 0
+    headers = ["table", "pending", "no path", "runs (costed)", f"GPU-h {gpu}", f"days on {gpus}"]
+    grid = Table(*headers, *(["device-h (est.)"] if rates else []),
                  caption=f"estimates: images x (3 x student + teachers) MACs x 2 / ({GPUS[gpu]['label']} peak x "
-                         f"{utilization}); each run counted once. Per cell: {csv_path}")
+                         f"{utilization}); each run counted once; a run is costed when its MACs could be "
+                         f"counted. Per cell: {csv_path}")
     for line in per_table.itertuples():
-        grid.add_row(line.table, str(line.pending_cells), str(line.cells_without_path), str(line.runs),
-                     str(line.gpu_hours_estimate), str(line.wall_days_estimate), str(line.device_hours_estimate))
+        costed = line.runs_counted > 0
+        grid.add_row(line.table, str(line.pending_cells), str(line.cells_without_path),
+                     f"{line.runs} ({line.runs_counted})", str(line.gpu_hours_estimate) if costed else "–",
+                     str(line.wall_days_estimate) if costed else "–",
+                     *([str(line.device_hours_estimate) or "–"] if rates else []))
     out = Console()
     out.print(grid)
     for line in planner.totals("paper").itertuples():
