@@ -27,6 +27,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +101,16 @@ def teachers_of(recipe: dict) -> list[dict]:
 # MACs (fvcore, cached; the GPU machine has no fvcore: then from the cache or left out)
 
 
+@lru_cache(maxsize=None)
+def _fvcore_available() -> bool:
+    """Checked once, before building any model to count (the GPU machine has no fvcore)."""
+    try:
+        import fvcore.nn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 MACS_FAILURES: dict[str, str] = {}   # model -> why its MACs could not be counted (shown in the cell's note)
 
 
@@ -107,6 +118,9 @@ def count_macs_cached(model: str, kwargs: dict, img_size: int, cache: Measuremen
     key = measure.cache_key(kind="macs", model=model, kwargs=json.dumps(kwargs, sort_keys=True), form="train",
                             img_size=img_size, convention="fvcore+attn", code=source_fingerprint())
     value = cache.get(key)
+    if value is None and not _fvcore_available():
+        MACS_FAILURES[model] = "MACs not counted here (fvcore missing): run `reproduce plan` where it is"
+        return None
     if value is None:
         try:
             built = measure.build_model(model, kwargs, for_counting=True)
@@ -132,7 +146,8 @@ def _counting_kwargs(kwargs: dict, num_classes: int | None) -> dict:
 
 
 def _rate_key(recipe_path: str, recipe: dict, device: str, batch_size, img_size) -> str:
-    return measure.cache_key(kind="train_rate", recipe=recipe_path, config=json.dumps(recipe, sort_keys=True, default=str),
+    config = {k: v for k, v in recipe.items() if k != "path"}  # the same on every machine
+    return measure.cache_key(kind="train_rate", recipe=recipe_path, config=json.dumps(config, sort_keys=True, default=str),
                              device=measure.device_tag(device), batch_size=batch_size, img_size=img_size,
                              code=source_fingerprint())
 
