@@ -113,7 +113,7 @@ class SwinMixer(nn.Module):
         grid = self.patch_embed.grid_size
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         # linear over blocks, split by stage (timm's calculate_drop_path_rates, absent before timm 1.0.16)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages = []
         for i, depth in enumerate(depths):
             resolution = (grid[0] // 2 ** i, grid[1] // 2 ** i)
