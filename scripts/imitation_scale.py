@@ -76,6 +76,8 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--paper-batch", type=int, default=512)
+    parser.add_argument("--readings", nargs="+", default=list(LAMBDA_READINGS), choices=list(LAMBDA_READINGS))
+    parser.add_argument("--teacher", type=Path, default=None, help="a trained PoolFormer-S12 (skips step 1)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -84,19 +86,22 @@ def main():
     ctx = distributed.setup()
 
     start = time.time()
-    teacher_recipe = scaled(TEACHER_RECIPE, args.teacher_steps, args.img_size, args.batch,
-                            {"optimizer": {"lr_base": 2e-3, "lr_base_size": args.batch}})
-    teacher = engine.train(teacher_recipe, data=data, output=work / "teacher")
-    checkpoint = str(work / "teacher" / "model.pt")
-    print(f"teacher PoolFormer-S12: top-1 {teacher['top1']:.1f} on the generated validation split "
-          f"({time.time() - start:.0f} s)", flush=True)
+    if args.teacher:
+        checkpoint, teacher = str(args.teacher), {"top1": float("nan")}
+    else:
+        teacher_recipe = scaled(TEACHER_RECIPE, args.teacher_steps, args.img_size, args.batch,
+                                {"optimizer": {"lr_base": 2e-3, "lr_base_size": args.batch}})
+        teacher = engine.train(teacher_recipe, data=data, output=work / "teacher")
+        checkpoint = str(work / "teacher" / "model.pt")
+        print(f"teacher PoolFormer-S12: top-1 {teacher['top1']:.1f} on the generated validation split "
+              f"({time.time() - start:.0f} s)", flush=True)
 
     teacher_cfg = {"model": "poolformer_v1_s12", "checkpoint": checkpoint, "kwargs": {}, "constructor": None}
     report = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
               "img_size": args.img_size, "paper_batch": args.paper_batch, "teacher_top1": teacher["top1"],
               "student_recipe": str(STUDENT_RECIPE.relative_to(ROOT)), "readings": {}}
-    for reading in LAMBDA_READINGS:
+    for reading in args.readings:
         recipe = scaled(STUDENT_RECIPE, args.steps, args.img_size, args.batch,
                         {"distill": {"teacher": teacher_cfg}, "imitation": {"teacher": teacher_cfg,
                                                                              "lambda_reading": reading}})

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import riformer  # noqa: F401  (before timm)
 from reproduce.engine import EngineError, checkpoint
 from reproduce.engine import train as engine
 from reproduce.engine.recipe import RecipeError, load_recipe
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+import helpers
+from helpers import generated, one_thread  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "riformer" / "base.yaml"
@@ -25,16 +25,7 @@ DETERMINISTIC = {
 
 
 def write_recipe(folder: Path, fields: dict, name="recipe.yaml", base=BASE) -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump({"base": str(base), **fields}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    from reproduce.engine.data import make_generated_dataset
-
-    return str(make_generated_dataset(tmp_path_factory.mktemp("data"), classes=4, images_per_class=8, image_size=40))
+    return helpers.write_recipe(folder, fields, base, name)
 
 
 # --- recipes ---------------------------------------------------------------------------------

@@ -17,22 +17,12 @@ from reproduce.engine.imitation import ModuleImitation
 from reproduce.engine.recipe import RecipeError, load_recipe
 from reproduce.registry import RECIPES, load_table
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+from helpers import generated, one_thread  # noqa: F401  (fixtures)
+from helpers import write_recipe as write
 
 RIFORMER = RECIPES / "riformer"
 
 
-def write(folder: Path, fields: dict, base: Path, name="recipe.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump({"base": str(base), **fields}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    from reproduce.engine.data import make_generated_dataset
-
-    return str(make_generated_dataset(tmp_path_factory.mktemp("data"), classes=4, images_per_class=8, image_size=40))
 
 
 @pytest.fixture(autouse=True)
@@ -231,3 +221,21 @@ def test_a_recipe_without_a_required_field_names_it(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert "epochs" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.slow
+def test_table4_smoke_logs_differ(tmp_path, generated):
+    """The eight Table 4 rows at smoke scale: no two give the same log (they did with fixed epochs)."""
+    logs = {}
+    for path in sorted((RIFORMER / "table4").glob("feat*.yaml")):
+        engine.train(load_recipe(path, scale="smoke"), data=generated, output=tmp_path / path.stem)
+        logs[path.stem] = (tmp_path / path.stem / "log.jsonl").read_text()
+    assert len(set(logs.values())) == len(logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in recipe_files() if "table9" in str(p) or "table5" in str(p)],
+                         ids=lambda p: p.stem)
+def test_table5_and_table9_recipes_train_at_smoke_scale(tmp_path, generated, path):
+    result = engine.train(load_recipe(path, scale="smoke"), data=generated, output=tmp_path)
+    assert result["top1_train"] == result["top1_deploy"]

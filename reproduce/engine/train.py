@@ -19,7 +19,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import riformer  # noqa: F401  (registers the suite's models; must precede timm's torchvision import)
-import timm
 from riformer.deploy import deploy, has_deploy_form, is_deployed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
