@@ -56,8 +56,8 @@ def main():
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"batch {args.batch} at 224 px, float32, Lamb, {args.rounds} interleaved rounds of {args.steps} steps")
     for name in runs:
-        print(f"  {name:28s} {statistics.median(rates[name]):7.1f} img/s (range {min(rates[name]):.1f}-"
-              f"{max(rates[name]):.1f})")
+        print(f"  {name:28s} {statistics.median(rates[name]):7.2f} img/s (range {min(rates[name]):.2f}-"
+              f"{max(rates[name]):.2f})")
     print(f"  {repa} / {vanilla}: {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
