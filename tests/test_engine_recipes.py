@@ -105,9 +105,9 @@ def test_imitation_of_token_major_caformer_stages():
 
 # --- the dry run --------------------------------------------------------------------------------
 
-def small(path: Path, tmp_path: Path, **fields) -> Path:
+def small(path: Path, tmp_path: Path, name="recipe.yaml", **fields) -> Path:
     """A planted variant of a real recipe, at 64 px so that the test stays quick."""
-    return write(tmp_path, {"data": {"img_size": 64}, **fields}, path)
+    return write(tmp_path, {"data": {"img_size": 64}, **fields}, path, name)
 
 
 def test_dry_run_passes_and_caches(tmp_path):
