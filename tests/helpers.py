@@ -2,6 +2,7 @@
 
 * `one_thread`: an autouse fixture once imported into a test module; runs each test on one thread.
 * Training: `write_recipe` (a recipe file over a base), `generated` (a module-scoped generated dataset).
+* `kill_at_step`: a training run killed at a given step (resume tests).
 * RePaFormer folds: `randomize_`, `max_relative_error`, `ffn_outputs`, `assert_fold_is_exact`.
 * Reference CSVs and table specs: `ROOT`, `HEADER`, `UNITS`, `FLAGS`, `read_reference`, `read_spec`,
   `first_seen`.
@@ -34,6 +35,21 @@ def generated(tmp_path_factory):
     from reproduce.engine.data import make_generated_dataset
 
     return str(make_generated_dataset(tmp_path_factory.mktemp("data"), classes=4, images_per_class=8, image_size=40))
+
+
+def kill_at_step(engine, monkeypatch, step: int):
+    """Make the engine's `step`-th training step raise KeyboardInterrupt (a killed run); returns the real
+    training_step, to put back before resuming."""
+    real, calls = engine.training_step, {"n": 0}
+
+    def dies(run, images, targets):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return real(run, images, targets)
+
+    monkeypatch.setattr(engine, "training_step", dies)
+    return real
 
 
 @pytest.fixture(autouse=True)

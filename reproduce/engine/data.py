@@ -85,7 +85,8 @@ def build_transform(data_cfg: dict, is_training: bool, img_size: int, crop_pct: 
         return create_transform(
             img_size, is_training=True, no_aug=data_cfg.get("no_aug", False), auto_augment=data_cfg.get("auto_augment"),
             color_jitter=data_cfg.get("color_jitter", 0.4), re_prob=data_cfg.get("re_prob", 0.0),
-            re_mode=data_cfg.get("re_mode", "pixel"), interpolation=data_cfg.get("interpolation", "bicubic"))
+            re_mode=data_cfg.get("re_mode", "pixel"),
+            interpolation=data_cfg.get("train_interpolation", data_cfg.get("interpolation", "bicubic")))
     return create_transform(img_size, is_training=False, crop_pct=crop_pct,
                             interpolation=data_cfg.get("interpolation", "bicubic"))
 

@@ -24,11 +24,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from reproduce.engine import EngineError, checkpoint, distributed, recipe_field
+from reproduce.engine import EngineError, checkpoint, distributed, frd, recipe_field, token_labeling
 from reproduce.engine.data import (build_dataset, build_mixup, build_transform, eval_loader, make_generated_dataset,
                                   train_loader)
-from reproduce.engine.distill import (ClassificationLoss, build_teacher, create_model, init_from_teacher,
-                                     load_into)
+from reproduce.engine.distill import (ClassificationLoss, build_teacher, create_model, init_from_teacher, load_into,
+                                     load_state)
 from reproduce.engine.evaluate import autocast, check_classes, evaluate
 from reproduce.engine.imitation import ModuleImitation
 
@@ -91,6 +91,8 @@ def build_data(run, data: str | None) -> None:
                             transforms[1])
     for dataset in (train_set, val_set):
         check_classes(dataset, num_classes, root, f"recipe {recipe['path']} (model.num_classes)")
+    if recipe.get("token_labeling", {}).get("enabled"):  # LV-ViT teachers: the images with their label maps
+        train_set = token_labeling.build_dataset(recipe, train_set, run.output, ctx)
     workers = cfg_data.get("workers", 8)
     run.train_loader = train_loader(train_set, per_process, workers, ctx.rank, ctx.world, recipe.get("seed", 0),
                                     cfg_data.get("repeated_aug", False))
@@ -116,20 +118,28 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
     run.imitation_teacher = None
     if imitate.get("enabled"):
         run.imitation_teacher = build_teacher(recipe, "imitation.teacher", num_classes, "imitation teacher", random_ok)
+    run.objective = None  # SiT: FRD (students) or token labeling (LV-ViT teachers) replaces the logit loss
+    if recipe.get("frd", {}).get("enabled"):
+        run.objective = frd.build(recipe, model, num_classes, random_ok)  # also init_from: teacher
+    elif recipe.get("token_labeling", {}).get("enabled"):
+        run.objective = token_labeling.TokenLabeling(recipe, model)
     init_from = recipe["model"].get("init_from")
     with recipe_field(recipe, "model.init_from"):
         if init_from == "imitation_teacher":
             if run.imitation_teacher is None:
                 raise EngineError("model.init_from is imitation_teacher but imitation is off")
             init_from_teacher(model, run.imitation_teacher)
-        elif init_from and not (allow_random_teachers and not Path(init_from).is_file()):
+        elif init_from and init_from != "teacher" and not (allow_random_teachers and not Path(init_from).is_file()):
+            if hasattr(model, "student_only_prefixes"):  # a SiT checkpoint must hold its TSMs
+                frd.check_student_checkpoint(model, load_state(init_from, "initial"), init_from)
             load_into(model, init_from, "initial")
     check_token_mixer(model, recipe["model"].get("token_mixer"), recipe["path"])
     model.to(ctx.device)
-    for teacher in (run.teacher, run.imitation_teacher):
+    for teacher in (run.teacher, run.imitation_teacher, run.objective):
         if teacher is not None:
             teacher.to(ctx.device)
     run.model = model
+    run.train_module = run.objective.train_module if run.objective is not None else model  # what DDP wraps
 
 
 def build_optimization(run) -> None:
@@ -139,8 +149,12 @@ def build_optimization(run) -> None:
     opt = recipe["optimizer"]
     lr = opt["lr_base"] * recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
     extra = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items() if k in ("eps", "betas")}
+    params = model
+    if opt.get("recalibration_lr_base") is not None:  # SiT Sec. 4.1: the recalibration branch's own lr
+        params = frd.param_groups(run.train_module, lr, lr * opt["recalibration_lr_base"] / opt["lr_base"],
+                                  opt.get("weight_decay", 0.0))
     with recipe_field(recipe, "optimizer.name"):
-        run.optimizer = create_optimizer_v2(model, opt=opt["name"], lr=lr,
+        run.optimizer = create_optimizer_v2(params, opt=opt["name"], lr=lr,
                                             weight_decay=opt.get("weight_decay", 0.0), **extra)
     sched = recipe.get("schedule", {})
     with recipe_field(recipe, "schedule.name"):
@@ -157,8 +171,8 @@ def build_optimization(run) -> None:
     if run.imitation_teacher is not None:
         run.imitation = ModuleImitation(model, run.imitation_teacher, recipe["imitation"], recipe["batch_size"],
                                         where=recipe["path"])
-    run.ddp = (DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-               if ctx.distributed else model)
+    run.ddp = (DistributedDataParallel(run.train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda"
+                                       else None) if ctx.distributed else run.train_module)
 
 
 def save_checkpoint(run) -> None:
@@ -171,6 +185,7 @@ def save_checkpoint(run) -> None:
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
         "ema": run.ema.state_dict() if run.ema else None,
+        "objective": run.objective.state_dict() if hasattr(run.objective, "state_dict") else None,
     }
     checkpoint.save_torch(state, run.output / "checkpoint.pt")
 
@@ -186,6 +201,8 @@ def restore_checkpoint(run) -> None:
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
+    if state.get("objective"):
+        run.objective.load_state_dict(state["objective"])
     run.epoch, run.step = state["epoch"], state["step"]
     checkpoint.set_rng_state(state["rng"][run.ctx.rank])
 
@@ -195,13 +212,16 @@ def training_step(run, images, targets) -> dict:
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
     with autocast(run.ctx.device, run.amp):
-        logits = run.ddp(images)
-        teacher_logits = None
-        if run.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = run.teacher(images)
-        loss = run.criterion(logits, targets, teacher_logits)
-        terms = {"logit_loss": loss.item()} if run.imitation is not None else {}
+        if run.objective is not None:  # SiT's FRD or token labeling (engine/frd.py, engine/token_labeling.py)
+            loss, terms = run.objective(run.ddp, images, targets)
+        else:
+            logits = run.ddp(images)
+            teacher_logits = None
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = run.teacher(images)
+            loss = run.criterion(logits, targets, teacher_logits)
+            terms = {"logit_loss": loss.item()} if run.imitation is not None else {}
         if run.imitation is not None:
             with torch.no_grad():
                 run.imitation_teacher(images)  # fills the teacher's hooked features
@@ -324,14 +344,16 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
     output.mkdir(parents=True, exist_ok=True)
     try:
         run = build(recipe, data, output, ctx)
+        teacher = run.teacher if run.teacher is not None else getattr(run.objective, "teacher", None)
+        if teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
+            # before the RNG is set: a loader's iterator draws from it, which would shift a resumed run
+            info["teacher_top1"] = evaluate(teacher, run.val_loader, ctx, run.amp)["top1"]
         if resume:
             restore_checkpoint(run)
             trim_log(run)
         else:
             seed_everything(recipe.get("seed", 0) + ctx.rank)  # augmentations differ across processes
         metrics = {"top1": float("nan"), "top5": float("nan")}
-        if run.teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
-            info["teacher_top1"] = evaluate(run.teacher, run.val_loader, ctx, run.amp)["top1"]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=not ctx.is_main, transient=True) as progress:
             while run.epoch < run.total_epochs:
