@@ -87,9 +87,10 @@ def code_fingerprint() -> str:
 def _checkpoints(recipe: dict) -> list[str]:
     from reproduce.engine.recipe import get
 
-    paths = [get(recipe, f"{w}.checkpoint") for w in ("distill.teacher", "imitation.teacher")]
+    teachers = ("distill.teacher", "imitation.teacher", "frd.teacher", "frd.cnn_teacher", "model.init_teacher")
+    paths = [get(recipe, f"{w}.checkpoint") for w in teachers]
     init = get(recipe, "model.init_from")
-    return [p for p in paths + [init if init != "imitation_teacher" else None] if p]
+    return [p for p in paths + [init if init not in ("imitation_teacher", "teacher") else None] if p]
 
 
 def cache_key(recipe: dict) -> str:
@@ -171,7 +172,9 @@ def _run(recipe: dict) -> DryRun:
     if run.imitation_teacher is not None:
         outcome.teachers.append(_teacher_note(recipe, "imitation.teacher", "imitation"))
     init = recipe["model"].get("init_from")
-    if init and init != "imitation_teacher" and not Path(init).is_file():
+    if recipe.get("frd", {}).get("enabled"):
+        outcome.teachers.append(_teacher_note(recipe, "frd.teacher", "FRD"))
+    if init and init not in ("imitation_teacher", "teacher") and not Path(init).is_file():
         outcome.notes.append(f"model.init_from {init} not found: random initial weights")
     run.model.train()
     with recipe_field(recipe, "model"):
