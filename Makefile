@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REPRODUCE := $(VENV)/bin/reproduce
 
-.PHONY: setup all-tables test test-slow diff lint clean
+.PHONY: setup all-tables test test-slow dry-run diff lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -18,6 +18,9 @@ test: setup  ## the test suite (slow and GPU tests are skipped with their reason
 
 test-slow: setup
 	$(PY) -m pytest -q --runslow -m slow
+
+dry-run: setup  ## every recipe at full size: models, teachers, optimizer, one step (outcomes cached in .cache/dryrun)
+	$(REPRODUCE) dry-run --all
 
 diff: setup  ## committed results against the references, with params and MACs measured again
 	$(REPRODUCE) diff --all --remeasure
