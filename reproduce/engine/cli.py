@@ -181,12 +181,16 @@ def _report_dry_runs(paths, use_cache: bool, label: str | None = None) -> int:
 @click.command("dry-run")
 @click.argument("recipes", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--all", "all_recipes", is_flag=True, help="every recipe under recipes/")
+@click.option("--distinct", is_flag=True, help="only the first recipe of each distinct configuration "
+              "(student, image size, teachers, losses; what CI runs)")
 @click.option("--no-cache", is_flag=True, help="run again even where a stored outcome holds")
-def dry_run_command(recipes, all_recipes, no_cache):
+def dry_run_command(recipes, all_recipes, distinct, no_cache):
     """Build RECIPES at full size and run one optimizer step each (see reproduce/engine/dryrun.py)."""
-    from reproduce.engine.dryrun import recipe_files
+    from reproduce.engine import dryrun
 
-    paths = recipe_files() if all_recipes else [Path(r) for r in recipes]
+    paths = dryrun.recipe_files() if all_recipes else [Path(r) for r in recipes]
+    if distinct:
+        paths = dryrun.distinct(paths)
     if not paths:
         raise click.UsageError("name recipe files, or pass --all")
     sys.exit(_report_dry_runs(paths, use_cache=not no_cache))

@@ -35,7 +35,7 @@ from reproduce.engine import EngineError, _show, distributed, recipe_field
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 CACHE_DIR = Path(os.environ.get("REPRODUCE_DRYRUN_CACHE", ROOT / ".cache" / "dryrun"))
-NOT_RECIPES = ("tables", "protocols")          # folders of recipes/ that hold other data
+NOT_RECIPES = ("tables", "protocols", "figures")  # folders of recipes/ that hold other data
 IGNORED_FIELDS = ("description", "path", "scale")  # do not change what a dry run builds
 BATCH = 2                                       # even (Mixup pairs images), > 1 (BatchNorm statistics)
 
@@ -71,6 +71,40 @@ def recipe_files() -> list[Path]:
     """Every training recipe of the suite: the YAML files of recipes/<paper>/**."""
     folders = [p for p in sorted(RECIPES.iterdir()) if p.is_dir() and p.name not in NOT_RECIPES]
     return [path for folder in folders for path in sorted(folder.rglob("*.yaml"))]
+
+
+def configuration(recipe: dict) -> str:
+    """What a dry run builds, coarsely: the student, the image size, every teacher the recipe uses and
+    the losses in use. Recipes that differ only in hyper-parameters (lr, epochs, λ values, an idle
+    ratio or other model kwargs) have the same configuration."""
+    from reproduce.engine.recipe import get
+
+    distill = get(recipe, "distill.type", "none")
+    imitation, frd = bool(get(recipe, "imitation.enabled")), bool(get(recipe, "frd.enabled"))
+    return json.dumps([get(recipe, "model.name"), get(recipe, "data.img_size"), distill,
+                       get(recipe, "distill.teacher.model") if distill != "none" else None,
+                       imitation, get(recipe, "imitation.teacher.model") if imitation else None,
+                       frd, get(recipe, "frd.teacher.model") if frd else None,
+                       get(recipe, "frd.cnn_teacher.model") if frd else None,
+                       bool(get(recipe, "token_labeling.enabled")), get(recipe, "model.init_from") is not None],
+                      default=str)
+
+
+def distinct(paths) -> list[Path]:
+    """The first recipe of each distinct configuration (CI's `make dry-run`); a recipe that does not
+    load is kept, so that its error shows."""
+    from reproduce.engine.recipe import load_recipe
+
+    seen, out = set(), []
+    for path in paths:
+        try:
+            key = configuration(load_recipe(path))
+        except EngineError:
+            key = str(path)
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
 
 
 @lru_cache(maxsize=None)
