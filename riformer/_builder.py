@@ -49,7 +49,7 @@ from timm.models import _registry
 __all__ = ["TIMM_ONLY_KWARGS", "imagenet_cfg", "refuse_pretrained", "strip_timm_kwargs", "unwrap_state_dict",
            "load_local_checkpoint", "build_model", "register", "register_family_model", "init_vit_weights",
            "register_timm_model", "finish_timm_model", "pop_feature_kwargs", "check_choice", "tokens_to_nchw",
-           "cfg_for_img_size"]
+           "prune_after", "cfg_for_img_size"]
 
 TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _LOCAL_FILE_HINT = ("pass checkpoint_path=<local file> to the model function, "
@@ -196,6 +196,21 @@ def finish_timm_model(model: nn.Module, name: str, cfg: dict, feature_cfg: dict,
         feature_cfg = {"feature_cls": "getter", "out_indices": tuple(range(len(model.feature_info))), **feature_cfg}
     return build_model_with_cfg(lambda **_: model, name, pretrained=False, pretrained_cfg=dict(cfg),
                                 feature_cfg=feature_cfg, **features)
+
+
+def prune_after(model: nn.Module, indices, prune_norm: bool, prune_head: bool, truncate: Callable[[int], None]):
+    """timm's `prune_intermediate_layers` for a model with a `feature_info`, a final `norm` and a head:
+    `truncate(last)` drops its layers after feature `last` (the last of `indices`); the norm goes too if
+    asked or if it no longer fits, the head if asked. Returns the absolute indices kept."""
+    from timm.models._features import feature_take_indices
+
+    take, last = feature_take_indices(len(model.feature_info), indices)
+    truncate(last)
+    if prune_norm or last < len(model.feature_info) - 1:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.reset_classifier(0, "")
+    return take
 
 
 def tokens_to_nchw(tokens: torch.Tensor, height, width) -> torch.Tensor:

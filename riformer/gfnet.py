@@ -23,8 +23,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, register_family_model,
-                               unwrap_state_dict)
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model, unwrap_state_dict)
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -168,16 +168,13 @@ class GFNet(LinearHead, nn.Module):
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages (blocks) after the last of `indices` (and the head); the absolute indices kept."""
-        take, last = feature_take_indices(len(self.feature_info), indices)
-        if self.isotropic:
-            self.stages[0].blocks = self.stages[0].blocks[:last + 1]
-        else:
-            self.stages = self.stages[:last + 1]
-        if prune_norm or last < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        def truncate(last):
+            if self.isotropic:
+                self.stages[0].blocks = self.stages[0].blocks[:last + 1]
+            else:
+                self.stages = self.stages[:last + 1]
+
+        return prune_after(self, indices, prune_norm, prune_head, truncate)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

@@ -16,7 +16,8 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, check_choice, imagenet_cfg, init_vit_weights, register_family_model
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model)
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
@@ -236,13 +237,8 @@ class MetaFormerV1(LinearHead, nn.Module):
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the layers after the last of `indices` (and the head); the absolute indices kept."""
-        take, last = feature_take_indices(len(self.feature_info), indices)
-        self.network = self.network[:2 * last + 1]
-        if prune_norm or last < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "network", self.network[:2 * last + 1]))
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

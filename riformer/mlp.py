@@ -24,7 +24,8 @@ from timm.models._features import feature_take_indices
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from riformer._builder import cfg_for_img_size, check_choice, imagenet_cfg, refuse_pretrained, register_timm_model
+from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, prune_after, refuse_pretrained,
+                               register_timm_model)
 
 __all__ = ["SwinMixer"]
 
@@ -180,13 +181,8 @@ class SwinMixer(nn.Module):
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:last + 1]
-        if prune_norm or last < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "stages", self.stages[:last + 1]))
 
 
 def _cfg(img_size: int = 224, first_conv: str = "patch_embed.proj", pool_size=None, **kwargs):

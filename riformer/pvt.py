@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, register_family_model,
-                               tokens_to_nchw, unwrap_state_dict)
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model, tokens_to_nchw, unwrap_state_dict)
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -202,13 +202,8 @@ class PyramidVisionTransformer(LinearHead, nn.Module):
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:last + 1]
-        if prune_norm or last < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "stages", self.stages[:last + 1]))
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
