@@ -1,6 +1,6 @@
 """Every registered model honours timm's model contract (docs/timm.md).
 
-What a timm user does with a model, for all 59 names `import riformer` registers: its cfg is
+What a timm user does with a model, for every name `import riformer` registers (60): its cfg is
 registered and complete; it is listed under its own module; at its native size (on the meta device:
 shapes only) forward, `num_classes=0`, `reset_classifier(0, '')`, `global_pool`, `forward_features`
 against the cfg's `pool_size`, and `features_only` against `feature_info`; at a small input (64 px,
@@ -28,16 +28,16 @@ from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 MODELS = sorted(name for name, fn in _registry._model_entrypoints.items() if fn.__module__.startswith("riformer."))
 FAMILIES = {"riformer.metaformer": 12, "riformer.metaformer_v2": 5, "riformer.pvt": 3, "riformer.gfnet": 4,
-            "riformer.vig": 1, "riformer.mlp": 3, "riformer.lvvit": 7, "riformer.sit": 9, "riformer.repa": 15}
+            "riformer.vig": 1, "riformer.mlp": 3, "riformer.lvvit": 7, "riformer.sit": 10, "riformer.repa": 15}
 # One model per family (and per backbone kind of the RePa family) for plain `make test`.
 # ViG's only model (92M parameters, a graph rebuilt in every block) is checked under --runslow only.
 REPRESENTATIVES = ["riformer_s12", "affineformer_s12", "pvt_v1_small", "gfnet_h_ti", "swin_mixer_tiny_d6",
                    "lvvit_s_tl", "sit_ti_dist", "repa_deit_tiny"]
 SMALL = 64
 SMALL_SIZE = {"swin_mixer_base_d24": 224}  # window 7 needs every stage's map a multiple of 7 (or at most 7)
-# Parameters that require grad but take no part in the plain forward: the token-labeling head (used by
-# the training losses, or in eval only) and SiT's RTSM (used by forward_train). Training semantics: w10.
-NO_GRAD_IN_FORWARD = {"lvvit": ("aux_head.",), "sit": ("aux_head.", "rtsm."), "repa_lvvit": ("aux_head.",)}
+# Parameters that require grad but take no part in the plain forward: LV-ViT's token-labeling head (used by
+# the training losses, or in eval only) and SiT's RTSM (used by forward_train). Training semantics: issue 10.
+NO_GRAD_IN_FORWARD = {"lvvit": ("aux_head.",), "sit": ("rtsm.",), "repa_lvvit": ("aux_head.",)}
 
 
 def each(names, slow_unless=()):
