@@ -259,7 +259,7 @@ def randomize(model, seed=0):
     return model
 
 
-@pytest.mark.slow  # builds all 59
+@pytest.mark.slow  # builds every model
 def test_deployable_models_are_the_ones_with_a_deploy_form():
     with torch.device("meta"):
         assert [n for n in MODELS if riformer.has_deploy_form(timm.create_model(n))] == DEPLOYABLE
