@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
+from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model
+from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -128,15 +129,15 @@ class GFNet(LinearHead, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict, model):
-    """Map an official GFNet checkpoint (plain, or under 'model') onto our layout.
+def _from_official(state_dict, model):
+    """Map an official GFNet checkpoint (raoyongming/GFNet: {'model': ...}) onto our layout.
 
     Official keys: isotropic `patch_embed.proj.*`, `blocks.{j}.*`; hierarchical `patch_embed.{i}.proj.*`,
     `blocks.{i}.{j}.*`; `pos_embed` is (1, H*W, C) where our `stages.0.pos_embed` is (1, H, W, C).
     """
     isotropic = len(model.stages) == 1
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         key = re.sub(r"^patch_embed\.proj\.", "stages.0.downsample.", key)
         key = re.sub(r"^patch_embed\.(\d+)\.proj\.", r"stages.\1.downsample.", key)
         if isotropic:
@@ -147,6 +148,11 @@ def checkpoint_filter_fn(state_dict, model):
             key, value = "stages.0.pos_embed", value.reshape(model.stages[0].pos_embed.shape)
         out[key] = value
     return out
+
+
+LAYOUTS = (Layout("raoyongming/GFNet", "GFNet release (github.com/raoyongming/GFNet README, gfnet-*.pth: {'model': ...})",
+                   r"^patch_embed\.(\d+\.)?proj\.weight$", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
 
 
 def _cfg(kwargs):
@@ -166,4 +172,4 @@ CONFIGS = {
                 dict(embed_dims=(512,), depths=(19,), patch_size=16)),
 }
 for _name, (_doc, _config) in CONFIGS.items():
-    register_family_model(__name__, _name, _doc, GFNet, _cfg, checkpoint_filter_fn, **_config)
+    register_family_model(__name__, _name, _doc, GFNet, _cfg, LAYOUTS, **_config)

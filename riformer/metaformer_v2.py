@@ -27,7 +27,10 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer, MetaFormerBlock
 
 from riformer import metaformer as metaformer_v1
-from riformer._builder import imagenet_cfg, refuse_pretrained
+from timm.models.metaformer import checkpoint_filter_fn as timm_metaformer_filter
+
+from riformer._builder import imagenet_cfg, load_local_checkpoint, local_checkpoint, refuse_pretrained
+from riformer.checkpoints import Layout, register_layouts
 from riformer.metaformer import fold_affine_into_norm
 
 __all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
@@ -99,12 +102,21 @@ default_cfgs = {name: _cfg() for name in (
     "identityformer_s12", "identityformer_s18", "randformer_s12", "affineformer_s12", "affineformer_s18")}
 
 
+# sail-sg/metaformer's own layout (downsample_layers / stages.{i}.{j} / head) -> timm's MetaFormer, ours.
+LAYOUTS = (Layout("sail-sg/metaformer", "MetaFormer-baselines release (github.com/sail-sg/metaformer README, "
+                  "huggingface.co/sail/dl: {identity,rand}former_*.pth, a plain state dict)",
+                  r"^downsample_layers\.0\.conv\.weight$", timm_metaformer_filter),)
+register_layouts(["identityformer_s12", "randformer_s12"], LAYOUTS)
+
+
 def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):
-    refuse_pretrained(variant, pretrained)
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained(variant, pretrained, checkpoint_path, loads_local_files=True)
     model_args = dict(arch, token_mixers=token_mixers, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
-    return build_model_with_cfg(model_cls, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-                                **dict(model_args, **kwargs))
+    model = build_model_with_cfg(model_cls, variant, pretrained=False,
+                                 feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+                                 **dict(model_args, **kwargs))
+    return load_local_checkpoint(model, variant, checkpoint_path)
 
 
 @register_model

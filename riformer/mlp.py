@@ -11,6 +11,7 @@ ResMLP-B24 (Touvron et al., "ResMLP") is timm's ResMLP at width 768, 24 blocks a
 patches; timm only registers the 8x8-patch B24 (`resmlp_big_24_224`), so we reuse its
 classes with the paper's patch size.
 """
+import re
 from functools import partial
 from typing import List, Tuple
 
@@ -23,7 +24,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from riformer._builder import imagenet_cfg, refuse_pretrained
+from riformer._builder import imagenet_cfg, load_local_checkpoint, local_checkpoint, refuse_pretrained
+from riformer.checkpoints import Layout, register_layouts
 
 __all__ = ["SwinMixer"]
 
@@ -166,10 +168,29 @@ default_cfgs = {
 }
 
 
+def _from_swin_mlp(state, model):
+    """microsoft/Swin-Transformer's SwinMLP (downsampling at the end of a stage) -> ours (timm's
+    order: at the start of the next stage; the patch-merging channel order is the same)."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.", key)
+        key = re.sub(r"\.spatial_mlp\.", ".token_mixer.spatial_mlp.", key)
+        out[re.sub(r"^layers\.", "stages.", key)] = value
+    return out
+
+
+SWIN_MLP_LAYOUTS = (Layout("microsoft/Swin-Transformer", "Swin-MLP release (github.com/microsoft/Swin-Transformer "
+                           "get_started.md, swin_mlp_*.pth: {'model': ...})", r"^layers\.0\.blocks\.0\.spatial_mlp\.",
+                           _from_swin_mlp),)
+register_layouts(["swin_mixer_tiny_d6", "swin_mixer_base_d24"], SWIN_MLP_LAYOUTS)
+
+
 def _create_swin_mixer(variant: str, pretrained: bool, **kwargs) -> SwinMixer:
-    refuse_pretrained(variant, pretrained)
-    return build_model_with_cfg(SwinMixer, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained(variant, pretrained, checkpoint_path, loads_local_files=True)
+    model = build_model_with_cfg(SwinMixer, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True),
+                                 **kwargs)
+    return load_local_checkpoint(model, variant, checkpoint_path)
 
 
 @register_model

@@ -40,11 +40,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from riformer._builder import init_vit_weights, load_local_checkpoint, register_family_model, unwrap_state_dict
+from riformer._builder import init_vit_weights, register_family_model
+from riformer.checkpoints import Layout, family_filter
 from riformer.lvvit import SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
-           "checkpoint_filter_fn"]
+           "checkpoint_filter_fn", "STUDENT_ONLY"]
+
+# What a SiT student has and its LV-ViT teacher lacks: `load_checkpoint(student, teacher_file,
+# allow_missing=STUDENT_ONLY)` initialises a student from its teacher (SiT's fine-tuning setting).
+STUDENT_ONLY = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
 
 SLIMMINGS = ("tsm", "avgpool", "conv", "token_mlp")
 
@@ -250,6 +255,11 @@ class SiT(LVViT):
         """Drop the training-only recalibration branch (RTSM)."""
         self.rtsm = None
 
+    @property
+    def deployed(self) -> bool:
+        """In its inference form: no training-only recalibration branch."""
+        return self.rtsm is None
+
 
 def training_only_params(model: nn.Module) -> int:
     """Parameters that exist only for training (SiT's RTSM branch); 0 after deploy."""
@@ -257,13 +267,13 @@ def training_only_params(model: nn.Module) -> int:
     return sum(p.numel() for p in rtsm.parameters()) if rtsm is not None else 0
 
 
-def checkpoint_filter_fn(state_dict, model):
+def _from_official(state_dict, model):
     """Map an official Sense-X/SiT checkpoint (or an LV-ViT teacher one) onto our module names.
 
     Official names: tsm.{k}.weight.{0,1,3} (LN, W_k, W_q), rtsm.{i}.mlp1/mlp2 (token/channel MLP).
     """
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         key = rename_stem_key(key)
         parts = key.split(".")
         if parts[0] == "tsm" and parts[2] == "weight":
@@ -289,21 +299,16 @@ SIT_CONFIGS = {
 }
 
 
-def _load_teacher_or_student(model, checkpoint_path, filter_fn):
-    """A student checkpoint, or a teacher one (how SiT initialises students), which lacks only the
-    student-only modules."""
-    result = load_local_checkpoint(model, checkpoint_path, filter_fn, strict=False)
-    student_only = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
-    misfits = [k for k in result.missing_keys if not k.startswith(student_only)] + result.unexpected_keys
-    if misfits:
-        raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: {misfits[:10]}")
+LAYOUTS = (Layout("Sense-X/SiT", "SiT release (github.com/Sense-X/SiT README, Google Drive: {'model': ...}, "
+                   "train form: TSM and RTSM)", r"^patch_embed\.conv1\.weight$", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
 
 
 for _size, (_teacher, _stages) in SIT_CONFIGS.items():
     _config = {**SIT_TEACHERS[_teacher], "stage_depths": _stages}
-    register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg,
-                          checkpoint_filter_fn, _load_teacher_or_student, **_config)
+    register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg, LAYOUTS,
+                          **_config)
     if _size != "l":  # SiT-L has no ‡ row
         register_family_model(__name__, f"sit_{_size}_dist",
                               f"SiT-{_size.upper()}‡ (distillation token and head for a CNN teacher): {_config}",
-                              SiT, _cfg, checkpoint_filter_fn, _load_teacher_or_student, **_config, distilled=True)
+                              SiT, _cfg, LAYOUTS, **_config, distilled=True)
