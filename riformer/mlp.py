@@ -185,6 +185,17 @@ SWIN_MLP_LAYOUTS = (Layout("microsoft/Swin-Transformer", "Swin-MLP release (gith
 register_layouts(["swin_mixer_tiny_d6", "swin_mixer_base_d24"], SWIN_MLP_LAYOUTS)
 
 
+def _from_deit_resmlp(state, model):
+    from timm.models.mlp_mixer import checkpoint_filter_fn as timm_mixer_filter
+
+    return timm_mixer_filter(state, model)
+
+
+register_layouts(["resmlp_b24_p16"], (Layout(
+    "facebookresearch/deit", "ResMLP release (facebookresearch/deit resmlp_models.py, resmlpB_24_no_dist.pth: "
+    "{'model': ...})", r"^blocks\.0\.gamma_1$|^patch_embed\.proj\.", _from_deit_resmlp),))
+
+
 def _create_swin_mixer(variant: str, pretrained: bool, **kwargs) -> SwinMixer:
     checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
     refuse_pretrained(variant, pretrained, checkpoint_path, loads_local_files=True)
@@ -216,9 +227,10 @@ def swin_mixer_base_d24(pretrained=False, **kwargs) -> SwinMixer:
 @register_model
 def resmlp_b24_p16(pretrained=False, **kwargs) -> MlpMixer:
     """ResMLP-B24 with 16x16 patches (ResMLP paper: 116M, 23.0G); timm's ResMLP classes."""
-    refuse_pretrained("resmlp_b24_p16", pretrained)
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained("resmlp_b24_p16", pretrained, checkpoint_path, loads_local_files=True)
     model_args = dict(patch_size=16, num_blocks=24, embed_dim=768, mlp_ratio=4,
                       block_layer=partial(ResBlock, init_values=1e-6), norm_layer=Affine)
-    return build_model_with_cfg(MlpMixer, "resmlp_b24_p16", pretrained=False,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"),
-                                **dict(model_args, **kwargs))
+    model = build_model_with_cfg(MlpMixer, "resmlp_b24_p16", pretrained=False,
+                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **dict(model_args, **kwargs))
+    return load_local_checkpoint(model, "resmlp_b24_p16", checkpoint_path)

@@ -75,12 +75,30 @@ def _posterize_keeping_zero_bits():
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_size: int, crop_pct: float):
+def eval_transform(transform: dict):
+    """An authors' eval transform, exactly: resize the short side to `resize` px, centre-crop `crop`,
+    normalise with `mean`/`std` (the weights manifest records these per release)."""
+    from timm.data import str_to_interp_mode
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(int(transform["resize"]), interpolation=str_to_interp_mode(transform.get("interpolation", "bicubic"))),
+        transforms.CenterCrop(int(transform["crop"])), transforms.ToTensor(),
+        transforms.Normalize(tuple(transform["mean"]), tuple(transform["std"]))])
+
+
+def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_size: int, crop_pct: float,
+                  transform: dict | None = None):
+    """A timm dataset with the training augmentation, the papers' eval transform (resize by crop
+    ratio, centre crop), or an explicit `transform` (`eval_transform`)."""
     from timm.data import create_dataset, create_transform
 
     if not data_cfg.get("dataset"):
         _check_folder(root, split)
     dataset = create_dataset(data_cfg.get("dataset", ""), root=root, split=split, is_training=is_training)
+    if transform is not None and not is_training:
+        dataset.transform = eval_transform(transform)
+        return dataset
     if is_training:
         _posterize_keeping_zero_bits()
         transform = create_transform(
