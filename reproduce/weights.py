@@ -21,6 +21,7 @@ import yaml
 from reproduce.registry import RECIPES
 
 MANIFEST = RECIPES / "weights.yaml"
+EVAL_WORKERS = 4  # data-loader workers of `reproduce table --weights`
 
 
 class WeightsError(ValueError):
@@ -137,7 +138,7 @@ def download(release: Release, weights_dir) -> Path:
     return target
 
 
-def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=4, echo=print) -> list[str]:
+def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=None, echo=print) -> list[str]:
     """Evaluate every row of `spec` whose release file is in `weights_dir`, with the release's
     transform, into the cell's run folder (result.json with provenance). Returns the rows done."""
     from reproduce.engine.cli import RUNS, evaluate_into_cell
@@ -162,7 +163,8 @@ def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=4, echo=p
                     row.model, str(path), data, transform=transform_of(release), img_size=row.img_size, form=form,
                     output=RUNS / spec.id / folder, cell={"table": spec.id, "row": row.id,
                                                           "column": column.id if own else None},
-                    batch_size=batch_size, workers=workers, release=release.name, model_kwargs=row.model_kwargs)
+                    batch_size=batch_size, workers=EVAL_WORKERS if workers is None else workers, release=release.name,
+                    model_kwargs=row.model_kwargs)
             except EngineError as err:
                 raise WeightsError(f"{spec.id}/{row.id}: {err}") from None
             echo(f"{spec.id}/{folder}: {release.local_name} -> top-1 {result['top1']:.2f} "

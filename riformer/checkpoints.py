@@ -113,9 +113,11 @@ def _is_timm_model(name: str) -> bool:
 
 def is_suite_model(name: Optional[str]) -> bool:
     """True for models registered by this suite (riformer.*), whose loading goes through here."""
-    from timm.models._registry import _model_to_module
+    import timm
 
-    return bool(name) and _model_to_module.get(name, "").startswith("riformer")
+    if not name or name not in timm.list_models(name):
+        return False
+    return timm.models.model_entrypoint(name).__module__.startswith("riformer")
 
 
 def model_name_of(model: nn.Module) -> Optional[str]:
@@ -168,14 +170,15 @@ def _read(path: Path):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"(?:Unsupported global|GLOBAL) ?:? ?(?:GLOBAL )?([\w.]+)", str(err))
-        if found or "weights_only" in str(err).lower() or "Weights only load failed" in str(err):
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", str(err))
+        if found:
+            what = f" ({found.group(1) or found.group(2)})"
             raise CheckpointError(
                 f"{path} holds pickled Python objects{what}, which this suite does not unpickle (they can run "
                 "code); save the weights alone: torch.save(model.state_dict(), FILE)") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(err).splitlines()[0]}); is it truncated "
-                              "or another kind of file?") from None
+        detail = re.search(r"(invalid load key[^.\n]*|Unpickling error: [^\n]*)", str(err))
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({detail.group(1) if detail else 'unreadable'}); "
+                              "is it truncated or another kind of file?") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a complete PyTorch checkpoint ({first}); is it truncated "
