@@ -71,7 +71,8 @@ def write_result(path, *, cell: dict, metrics: dict, model: str, form: str, img_
     if recipe is not None and not recipe.get("sha256") and _recipe_path(recipe["path"]).is_file():
         recipe = {**recipe, "sha256": file_sha256(_recipe_path(recipe["path"]))}
     result = {"schema": SCHEMA, **{k: cell.get(k) for k in ("table", "row", "column")},
-              "top1": metrics["top1"], "top5": metrics["top5"], "model": model, "form": form,
+              "top1": metrics["top1"], "top5": metrics["top5"], "images": metrics.get("images"), "model": model,
+              "form": form,
               "img_size": img_size, "weights": weights, "recipe": recipe, "data": data, "transform": transform,
               "scale": scale, "software": software(), "device": device,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
