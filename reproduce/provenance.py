@@ -25,7 +25,6 @@ sha256 it recorded.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import platform
 import shlex
 import sys
@@ -39,11 +38,9 @@ VAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation")
 
 
 def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from riformer.checkpoints import sha256
+
+    return sha256(path)
 
 
 def software() -> dict:

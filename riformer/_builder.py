@@ -24,7 +24,6 @@ variants call `local_checkpoint` and `load_local_checkpoint` themselves.
 import sys
 from typing import Callable, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_

@@ -18,7 +18,6 @@ import timm
 from helpers import one_thread  # noqa: F401
 from reproduce import provenance, runner, weights
 from reproduce.cli import main
-from reproduce.engine import EngineError
 from reproduce.engine.data import make_generated_dataset
 from reproduce.engine.distill import build_teacher
 from reproduce.registry import load_table

@@ -6,7 +6,6 @@ mixup targets) is kept: (1 - alpha) * CE + alpha * KD; without it the teacher is
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import riformer  # noqa: F401  (before timm: installs the torchvision shim)
 import timm

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 
 import riformer  # noqa: F401  (before timm: installs the torchvision shim)
-import timm
 import torch
 
 from reproduce.engine import EngineError, distributed
