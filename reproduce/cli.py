@@ -141,9 +141,14 @@ def _run_one(table_id, columns, device, results_dir, no_cache, quiet, rows=None,
 @click.option("--runs", type=click.IntRange(min=1), help="timed passes (or seconds) per repeat instead of the protocol's")
 @click.option("--repeats", type=click.IntRange(min=1), help="timings per model instead of the protocol's")
 @click.option("--warmup", type=click.IntRange(min=0), help="warm-up passes (or seconds) instead of the protocol's")
-def table(table_id, columns, device, results_dir, no_cache, quiet, rows, runs, repeats, warmup):
+@click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=None,
+              help="folder of released weights (recipes/weights.yaml): evaluate the rows whose file is there first")
+@click.option("--data", default=None, help="ImageNet-1k root (validation/ folder), with --weights")
+def table(table_id, columns, device, results_dir, no_cache, quiet, rows, runs, repeats, warmup, weights_dir, data):
     """Measure TABLE_ID (e.g. riformer-6) and print it beside the paper."""
     device = _device(device)
+    if weights_dir:
+        _evaluate_released(table_id, weights_dir, data)
     md_path = _run_one(table_id, columns, device, results_dir, no_cache, quiet, rows,
                        dict(runs=runs, repeats=repeats, warmup=warmup))
     if not quiet:
@@ -160,6 +165,60 @@ def all_tables(columns, device, results_dir, no_cache):
     device = _device(device)
     for table_id in table_ids():
         _run_one(table_id, columns, device, results_dir, no_cache, quiet=False)
+
+
+def _evaluate_released(table_id, weights_dir, data):
+    from reproduce import weights
+    from reproduce.engine import EngineError
+
+    if not data:
+        raise SuiteError("--weights needs --data /path/to/imagenet (the validation set to evaluate on)")
+    if not Path(weights_dir).is_dir():
+        raise SuiteError(f"weights folder {weights_dir} does not exist")
+    spec = _spec(table_id)
+    try:
+        done = weights.evaluate_table(spec, weights_dir, data, echo=lambda line: console.print(line, highlight=False))
+    except (weights.WeightsError, EngineError) as err:
+        raise SuiteError(str(err)) from None
+    console.print(f"{spec.id}: evaluated {len(done)} row(s) from released weights in {weights_dir}", highlight=False)
+
+
+@main.command("weights")
+@click.argument("table_ids", nargs=-1)
+@click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=Path("weights"), show_default=True,
+              help="the folder that holds (or will hold) the released files")
+@click.option("--download", is_flag=True, help="fetch the missing files (needs a network)")
+def weights_command(table_ids, weights_dir, download):
+    """What released weights each table needs (recipes/weights.yaml) and what the folder holds."""
+    from reproduce import weights
+
+    ids = [_table_id(t) for t in table_ids] or weights.tables()
+    grid = Table("table", "row", "release", "file", "in folder")
+    missing = []
+    for table_id in ids:
+        spec = _spec(table_id)
+        for row in spec.rows:
+            release = weights.release_of(table_id, row)
+            if release is None:
+                why = weights.why_none(table_id, row)
+                if why:
+                    grid.add_row(table_id, row, "none", why[:60] + ("…" if len(why) > 60 else ""), "")
+                continue
+            try:
+                state = "✓" if weights.find(release, weights_dir) else "missing"
+            except weights.WeightsError as err:
+                state = f"[red]{err}[/]"
+            if state == "missing":
+                missing.append(release)
+            grid.add_row(table_id, row, f"{release.project}", release.local_name, state)
+    out.print(grid)
+    if download:
+        for release in {r.name: r for r in missing}.values():
+            try:
+                weights.download(release, weights_dir)
+                console.print(f"downloaded {release.local_name}", highlight=False)
+            except weights.WeightsError as err:
+                raise SuiteError(str(err)) from None
 
 
 def _device(device: str) -> str:

@@ -142,6 +142,8 @@ def architecture(model: nn.Module) -> dict:
         norm = block.norm1
         width = getattr(norm, "normalized_shape", None)
         width = width[0] if width else getattr(norm, "num_channels", None) or getattr(norm, "num_features", None)
+        ffn = getattr(block, "mlp", None) or getattr(block, "mlp_channels", None)
+        width = getattr(ffn, "dim", None) or width  # RePa-Mixer's norm1 is over the tokens (riformer/repa.py)
         heads = getattr(getattr(block, "attn", None), "num_heads", None)
         if stages and stages[-1][0] == width:
             stages[-1][1] += 1

@@ -104,11 +104,20 @@ class TableSpec:
         return None if column.model_from else row.recipe
 
     def run_name(self, row_id: str, column_id: str) -> str:
-        """The folder under runs/<table>/ whose result.json fills this accuracy cell."""
+        """The folder under runs/<table>/ whose result.json fills this accuracy cell.
+
+        A cell has a folder of its own (`<row>--<column>`) when its column has its own recipe, or
+        when the row has no recipe and another accuracy column of the row reads the same number
+        (SiT Tables 5-6: one run per teacher / objective, so one result cannot fill both)."""
         row, column = self.rows[row_id], self.columns[column_id]
-        if column_id in row.recipes:
+        if column_id in row.recipes or (not row.recipe and self._shares_a_number(row, column)):
             return f"{row_id}--{column_id}"
         return f"{row_id}--{column.model_from}" if column.model_from else row_id
+
+    def _shares_a_number(self, row, column) -> bool:
+        same = [c for c in self.columns.values() if c.kind == "accuracy" and not c.model_from
+                and (c.source or "top1") == (column.source or "top1") and c.id not in row.recipes]
+        return not column.model_from and len(same) > 1
 
 
 _ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "settings")}

@@ -20,7 +20,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reproduce import files, measure, report
-from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, load_protocol, load_recipe
+from reproduce.registry import (DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, _show, load_protocol,
+                               load_recipe)
 
 RESULTS_DIR = ROOT / "results"
 RUNS_DIR = ROOT / "runs"
@@ -113,6 +114,8 @@ class TableRun:
         self.ranges: dict[tuple[str, str], tuple[float, float]] = {}  # timing min/max of throughput cells
         self.samples: dict[tuple[str, str], tuple] = {}   # (timing session, per-round images/s)
         self.failures: dict[Target, str] = {}             # why a target could not be measured
+        self.refused: dict[tuple[str, str], str] = {}     # accuracy results refused, and why
+        self.origins: dict[tuple[str, str], str] = {}     # where an accepted accuracy comes from
         self._models: dict[str, object] = {}              # model whose attributes settings read
         self.protocols_used: dict[int, measure.Protocol] = {}
         self.env = measure.environment(self.device)
@@ -343,13 +346,25 @@ class TableRun:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else value
 
     def accuracy_value(self, row, column):
+        """The cell's result.json value if its provenance says it belongs to this cell
+        (reproduce/provenance.py); otherwise None, with the reason kept for the cell's note."""
+        from reproduce import provenance
+
         path = RUNS_DIR / self.spec.id / self.spec.run_name(row.id, column.id) / "result.json"
         if not path.exists():
             return None
-        result = json.loads(path.read_text())
-        if result.get("scale") != "full":
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            self.refused[(row.id, column.id)] = f"{path} is not valid JSON"
             return None
-        return result.get(column.source or "top1")
+        value, reason = provenance.accept(self.spec, row, column, result, self.target(row, column).model,
+                                          column.form or row.form)
+        if reason:
+            self.refused[(row.id, column.id)] = f"{_show(path)} refused: {reason}"
+            return None
+        self.origins[(row.id, column.id)] = provenance.origin_note(result)
+        return value
 
     # -- the cells --------------------------------------------------------------------------------
     def base_kind(self, column) -> str:
@@ -359,11 +374,13 @@ class TableRun:
     def pending_accuracy_note(self, row, column) -> str:
         if column.kind in DERIVED_KINDS:
             return f"pending: computed from {column.of} and {column.over or 'the baseline row'}, which need ImageNet-1k"
+        refused = self.refused.get((row.id, column.id))
+        refused = f"{refused}. " if refused else ""
         recipe = self.spec.recipe_of(row.id, column.id)
         if recipe and (RECIPES / recipe).exists():
-            return f"needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
+            return f"{refused}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
         model = self.target(row, column).model or "MODEL"
-        return (f"needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
+        return (f"{refused}needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
                 f"--data /path/to/imagenet --output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}`")
 
     def cell(self, ref) -> dict | None:
@@ -403,7 +420,9 @@ class TableRun:
         value = (self.derived_value(row, column) if column.kind in DERIVED_KINDS
                  else self.values.get((row.id, column.id)))
         if kind == "accuracy":
-            return done(None, value) if value is not None else done("pending", extra=self.pending_accuracy_note(row, column))
+            if value is None:
+                return done("pending", extra=self.pending_accuracy_note(row, column))
+            return done(None, value, extra=self.origins.get((row.id, column.id)))
         if row.pending:
             return done("pending", extra=f"pending: {row.pending}")
         target = self.target(row, column)

@@ -3,25 +3,21 @@
 Nothing can be downloaded in this suite, so `pretrained=True` is refused unless a local file is
 given; timm passes its own kwargs (`pretrained_cfg`, `pretrained_cfg_overlay`, `cache_dir`) to
 every entry point, and our model classes take none of them; the built model gets a default cfg
-(`imagenet_cfg`) as `pretrained_cfg` / `default_cfg`, as timm's own builder gives it.
+(`imagenet_cfg`) as `pretrained_cfg` / `default_cfg`, with `architecture` = its registered name,
+as timm's own builder gives it.
 
-Loading an official checkpoint
-------------------------------
-`timm.create_model(name, checkpoint_path=FILE)` keeps `checkpoint_path` for itself: it builds
-the model, then loads FILE with timm's `load_checkpoint`, which unwraps 'state_dict' and strips
-'module.' but knows nothing of the official key layouts. That is enough only where our layout is
-the official one (PoolFormer v1 / RIFormer, and checkpoints this suite writes). To load an
-official checkpoint through the family's `checkpoint_filter_fn` (PVT, GFNet, ViG, LV-ViT, SiT):
+Loading a checkpoint: every path goes through `riformer.checkpoints` (one loader, strict, with
+each family's official layouts). All of these load FILE through the family's layouts:
 
-* call the model function with `checkpoint_path`:
-  `timm.models.model_entrypoint("pvt_v1_small")(checkpoint_path=FILE)` (or
-  `riformer.pvt.pvt_v1_small(checkpoint_path=FILE)`), or
-* go through timm with the file as the pretrained source:
-  `timm.create_model("pvt_v1_small", pretrained=True, pretrained_cfg_overlay={"file": FILE})`.
+* `timm.create_model(name, checkpoint_path=FILE)` (timm loads after the entry point returns;
+  `riformer.checkpoints.install_timm_hook` routes that load for the suite's models),
+* the model function: `riformer.pvt.pvt_v1_small(checkpoint_path=FILE)`,
+* timm's pretrained path: `timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": FILE})`,
+* `riformer.checkpoints.load_model(name, FILE, form="deploy")` (what `reproduce eval` calls).
 
-`build_model` below does both for the families with their own model classes; the families built
-by timm's `build_model_with_cfg` (mlp.py, metaformer_v2.py) and the RePa variants only refuse
-`pretrained=True` (`refuse_pretrained`).
+`build_model` / `register_family_model` below serve the families with their own model classes;
+the families built by timm's `build_model_with_cfg` (mlp.py, metaformer_v2.py) and the RePa
+variants call `local_checkpoint` and `load_local_checkpoint` themselves.
 
 `init_vit_weights` is the weight init our own model classes apply after construction.
 
@@ -37,7 +33,7 @@ name. `finish_timm_model` ends every build of our own classes and of the RePa va
 otherwise). docs/timm.md lists what the contract covers.
 """
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -46,10 +42,12 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import _registry
 
+from riformer.checkpoints import Layout, load_checkpoint, register_layouts, unwrap_state_dict
+
 __all__ = ["TIMM_ONLY_KWARGS", "imagenet_cfg", "refuse_pretrained", "strip_timm_kwargs", "unwrap_state_dict",
-           "load_local_checkpoint", "build_model", "register", "register_family_model", "init_vit_weights",
-           "register_timm_model", "finish_timm_model", "pop_feature_kwargs", "check_choice", "tokens_to_nchw",
-           "prune_after", "cfg_for_img_size"]
+           "local_checkpoint", "load_local_checkpoint", "build_model", "register", "register_family_model",
+           "init_vit_weights", "register_timm_model", "finish_timm_model", "pop_feature_kwargs", "check_choice",
+           "tokens_to_nchw", "prune_after", "cfg_for_img_size"]
 
 TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _LOCAL_FILE_HINT = ("pass checkpoint_path=<local file> to the model function, "
@@ -103,40 +101,29 @@ def strip_timm_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
-def unwrap_state_dict(state_dict: dict) -> dict:
-    """The weights of a checkpoint saved plain or under 'model' / 'state_dict' / 'model_ema',
-    without the 'module.' prefix of a DataParallel / DDP model."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+def local_checkpoint(checkpoint_path: Optional[str], kwargs: dict) -> Optional[str]:
+    """The local file to load: `checkpoint_path`, or timm's `pretrained_cfg_overlay={"file": ...}`
+    (popped from `kwargs`)."""
+    return checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
 
 
-def _unwrap_only(state_dict, model):
-    return unwrap_state_dict(state_dict)
-
-
-def load_local_checkpoint(model: nn.Module, checkpoint_path: str, filter_fn: Callable = _unwrap_only,
-                          strict: bool = True):
-    """Load a local file into `model` through `filter_fn(state_dict, model)`; load_state_dict's result."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    return model.load_state_dict(filter_fn(state, model), strict=strict)
+def load_local_checkpoint(model: nn.Module, name: str, checkpoint_path: Optional[str]) -> nn.Module:
+    """`model` (registered as `name`) with `checkpoint_path` loaded strictly through its layouts."""
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path, name=name)
+    return model
 
 
 def build_model(model_fn: Callable[..., nn.Module], name: str, pretrained: bool, kwargs: dict, cfg: dict,
-                checkpoint_path: Optional[str] = None, filter_fn: Callable = _unwrap_only,
-                load: Callable = load_local_checkpoint) -> nn.Module:
+                checkpoint_path: Optional[str] = None) -> nn.Module:
     """`model_fn(**kwargs)` with `cfg` as its pretrained/default cfg, loaded from a local file if one
-    is given (`checkpoint_path`, or timm's `pretrained_cfg_overlay={"file": ...}`) through
-    `load(model, file, filter_fn)`; `pretrained=True` without a file is refused."""
-    checkpoint_path = checkpoint_path or (kwargs.pop("pretrained_cfg_overlay", None) or {}).get("file")
+    is given (`checkpoint_path`, or timm's `pretrained_cfg_overlay={"file": ...}`) through the
+    model's layouts (`riformer.checkpoints`); `pretrained=True` without a file is refused."""
+    checkpoint_path = local_checkpoint(checkpoint_path, kwargs)
     refuse_pretrained(name, pretrained, checkpoint_path, loads_local_files=True)
     model = model_fn(**strip_timm_kwargs(kwargs))
-    model.pretrained_cfg = model.default_cfg = dict(cfg)
-    if checkpoint_path:
-        load(model, checkpoint_path, filter_fn)
-    return model
+    model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
+    return load_local_checkpoint(model, name, checkpoint_path)
 
 
 def register_timm_model(fn: Callable) -> Callable:
@@ -219,14 +206,13 @@ def tokens_to_nchw(tokens: torch.Tensor, height, width) -> torch.Tensor:
 
 
 def register_family_model(module: str, name: str, doc: str, model_fn: Callable[..., nn.Module],
-                          cfg: Union[dict, Callable[[dict], dict]], filter_fn: Callable = _unwrap_only,
-                          load: Callable = load_local_checkpoint, feature_cfg: Optional[dict] = None,
-                          **defaults) -> Callable:
+                          cfg: Union[dict, Callable[[dict], dict]], layouts: Sequence[Layout] = (),
+                          feature_cfg: Optional[dict] = None, **defaults) -> Callable:
     """Register `name` with timm: an entry point `name(pretrained=False, checkpoint_path=None, **kwargs)`
     returning `build_model(model_fn, ...)` on `{**defaults, **kwargs}`, finished as a timm model
     (`finish_timm_model`, with `feature_cfg` for `features_only=True`); `cfg` is the default cfg, or a
-    function of those kwargs (for models built for one `img_size`). The cfg of the defaults is the one
-    registered with timm."""
+    function of those kwargs (for models built for one `img_size`); the cfg of the defaults is the one
+    registered with timm. `layouts` are the official checkpoint layouts the model loads besides ours."""
 
     def cfg_of(kwargs):
         return cfg(kwargs) if callable(cfg) else cfg
@@ -234,10 +220,12 @@ def register_family_model(module: str, name: str, doc: str, model_fn: Callable[.
     def build(pretrained=False, checkpoint_path=None, **kwargs):
         kwargs = {**defaults, **kwargs}
         features = pop_feature_kwargs(kwargs)
-        model_cfg = {**cfg_of(kwargs), **(kwargs.get("pretrained_cfg_overlay") or {})}
-        model = build_model(model_fn, name, pretrained, kwargs, model_cfg, checkpoint_path, filter_fn, load)
+        model_cfg = {**cfg_of(kwargs), **{k: v for k, v in (kwargs.get("pretrained_cfg_overlay") or {}).items()
+                                          if k != "file"}}
+        model = build_model(model_fn, name, pretrained, kwargs, model_cfg, checkpoint_path)
         return finish_timm_model(model, name, model_cfg, feature_cfg or {}, features)
 
+    register_layouts([name], layouts)
     return register(module, name, build, doc, cfg_of(defaults))
 
 

@@ -23,8 +23,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
-                               register_family_model, unwrap_state_dict)
+from riformer._builder import LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
+from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -180,15 +180,15 @@ class GFNet(LinearHead, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict, model):
-    """Map an official GFNet checkpoint (plain, or under 'model') onto our layout.
+def _from_official(state_dict, model):
+    """Map an official GFNet checkpoint (raoyongming/GFNet: {'model': ...}) onto our layout.
 
     Official keys: isotropic `patch_embed.proj.*`, `blocks.{j}.*`; hierarchical `patch_embed.{i}.proj.*`,
     `blocks.{i}.{j}.*`; `pos_embed` is (1, H*W, C) where our `stages.0.pos_embed` is (1, H, W, C).
     """
     isotropic = len(model.stages) == 1
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         key = re.sub(r"^patch_embed\.proj\.", "stages.0.downsample.", key)
         key = re.sub(r"^patch_embed\.(\d+)\.proj\.", r"stages.\1.downsample.", key)
         if isotropic:
@@ -199,6 +199,11 @@ def checkpoint_filter_fn(state_dict, model):
             key, value = "stages.0.pos_embed", value.reshape(model.stages[0].pos_embed.shape)
         out[key] = value
     return out
+
+
+LAYOUTS = (Layout("raoyongming/GFNet", "GFNet release (github.com/raoyongming/GFNet README, gfnet-*.pth: {'model': ...})",
+                   r"^patch_embed\.(\d+\.)?proj\.weight$", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
 
 
 def _cfg(kwargs):
@@ -223,5 +228,4 @@ CONFIGS = {
 }
 for _name, (_doc, _config) in CONFIGS.items():
     _features = {"out_indices": 3} if len(_config["depths"]) == 1 else {}  # the last 3 blocks, as timm's ViTs
-    register_family_model(__name__, _name, _doc, GFNet, _cfg, checkpoint_filter_fn, feature_cfg=_features,
-                          **_config)
+    register_family_model(__name__, _name, _doc, GFNet, _cfg, LAYOUTS, feature_cfg=_features, **_config)

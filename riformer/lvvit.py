@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import (check_choice, imagenet_cfg, init_vit_weights, load_local_checkpoint,
-                               register_family_model, tokens_to_nchw, unwrap_state_dict)
+from riformer._builder import check_choice, imagenet_cfg, init_vit_weights, register_family_model, tokens_to_nchw
+from riformer.checkpoints import Layout, family_filter
 
-__all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn",
-           "load_local_checkpoint", "unwrap_state_dict"]
+__all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn"]
 
 
 class Attention(nn.Module):
@@ -333,9 +332,8 @@ def rename_stem_key(key):
     return ".".join(["patch_embed", "convs", str(index), kind] + parts[2:])
 
 
-def checkpoint_filter_fn(state_dict, model):
+def _from_official(state_dict, model):
     """Map an official TokenLabeling / SiT LV-ViT checkpoint onto our module names."""
-    state_dict = unwrap_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         key = rename_stem_key(key)
@@ -362,6 +360,16 @@ def _cfg(kwargs):
 FEATURE_CFG = {"out_indices": 3}  # the last 3 blocks by default, as timm's ViTs
 
 
+# The same key layout, released by two projects (names differ only in the stem's conv/bn indices).
+TOKEN_LABELING_LAYOUT = Layout(
+    "zihangJiang/TokenLabeling", "LV-ViT release (github.com/zihangJiang/TokenLabeling README, "
+    "lvvit_{s,m,l}-*.pth.tar: a plain state dict)", r"^patch_embed\.conv1\.weight$", _from_official)
+SIT_TEACHER_LAYOUT = Layout(
+    "Sense-X/SiT", "SiT's LV-ViT teachers (github.com/Sense-X/SiT README, Google Drive: {'model': ...})",
+    r"^patch_embed\.conv1\.weight$", _from_official)
+checkpoint_filter_fn = family_filter((TOKEN_LABELING_LAYOUT,))
+
+
 # SiT's teachers (Sense-X/SiT models/lvvit.py): LeViT-like conv stems, SiT Table 2a shapes.
 SIT_TEACHERS = {
     "ti": dict(embed_dim=320, depth=14, num_heads=5, skip_lam=2., stem="conv4"),
@@ -379,8 +387,8 @@ TOKEN_LABELING = {
 
 for _size, _config in SIT_TEACHERS.items():
     register_family_model(__name__, f"lvvit_{_size}", f"SiT's LV-ViT-{_size.upper()} teacher: {_config}",
-                          LVViT, _cfg, checkpoint_filter_fn, feature_cfg=FEATURE_CFG, **_config)
+                          LVViT, _cfg, (SIT_TEACHER_LAYOUT,), feature_cfg=FEATURE_CFG, **_config)
 for _name, _config in TOKEN_LABELING.items():
     register_family_model(__name__, _name, f"original token-labeling LV-ViT: {_config}", LVViT, _cfg,
-                          checkpoint_filter_fn, feature_cfg=FEATURE_CFG, **_config, stem="token_labeling",
+                          (TOKEN_LABELING_LAYOUT,), feature_cfg=FEATURE_CFG, **_config, stem="token_labeling",
                           aux_head_in_eval=True)

@@ -1,8 +1,11 @@
 """PoolFormer (v1) and RIFormer: MetaFormers with a pooling token mixer, or none at inference.
 
-The layout and forward semantics follow the official PoolFormer code, so its checkpoints load
-as they are: GroupNorm with one group as the norm, `pool(x) - x` as the mixer, layer scales on
-both residual branches, a final norm *before* global average pooling.
+The layout and forward semantics follow the official PoolFormer code (sail-sg/poolformer), so its
+checkpoints load as they are: GroupNorm with one group as the norm, `pool(x) - x` as the mixer,
+layer scales on both residual branches, a final norm *before* global average pooling. The layouts
+of the other releases are mapped onto it (`LAYOUTS`): PoolFormer as timm hosts it, and RIFormer as
+open-mmlab/mmpretrain releases it (the only official RIFormer release: train form, keys under
+`backbone.`, final norm `backbone.norm6`, classifier `head.fc`).
 
 RIFormer (CVPR 2023) keeps that macro design but trains with an Affine token mixer,
 `affine(x) - x` with a per-channel scale s and shift t, and folds it into the preceding norm for
@@ -11,13 +14,15 @@ then `x + ls1 * norm_reparam(x)`, with no token mixer at all.
 """
 from functools import partial
 
+import re
+
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 from timm.models._features import feature_take_indices
 
-from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
-                               register_family_model)
+from riformer._builder import LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
+from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
@@ -260,13 +265,53 @@ CONFIGS = {
 }
 
 
-# Our layout is the official one: official checkpoints also load with
-# timm.create_model(name, checkpoint_path=FILE) (see riformer/_builder.py).
-for _prefix, _block, _sizes in (("poolformer_v1", PoolFormerBlock, CONFIGS),
-                                ("riformer", RIFormerBlock, ("s12", "s24", "s36", "m36", "m48"))):
+def _from_timm(state, model):
+    """timm's MetaFormer layout of PoolFormer v1 (hf-hub timm/poolformer_*.sail_in1k) -> ours.
+
+    The weights are sail-sg's; timm applies its head norm after the global pooling, we keep the
+    official order (norm, then pooling), so our logits are the official code's."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^stem\.conv\.", "patch_embed.proj.", key)
+        key = re.sub(r"^stages\.(\d+)\.downsample\.conv\.", lambda m: f"network.{2 * int(m[1]) - 1}.proj.", key)
+        key = re.sub(r"^stages\.(\d+)\.blocks\.", lambda m: f"network.{2 * int(m[1])}.", key)
+        key = re.sub(r"layer_scale(\d)\.scale$", r"layer_scale_\1", key)
+        key = re.sub(r"^head\.norm\.", "norm.", key)
+        out[re.sub(r"^head\.fc\.", "head.", key)] = value
+    return out
+
+
+def _from_mmpretrain(state, model):
+    """open-mmlab/mmpretrain's RIFormer (ImageClassifier: backbone, GAP neck, LinearClsHead) -> ours."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^backbone\.norm6\.", "norm.", key)
+        key = re.sub(r"^backbone\.", "", key)
+        out[re.sub(r"^head\.fc\.", "head.", key)] = value
+    return out
+
+
+# Official layouts (our layout is sail-sg/poolformer's).
+POOLFORMER_LAYOUTS = (
+    Layout("sail-sg/poolformer", "PoolFormer v1 release (github.com/sail-sg/poolformer/releases/download/v1.0/"
+           "poolformer_{s12..m48}.pth.tar: a plain state dict)", r"^network\.0\.0\.mlp\.fc1\.weight$"),
+    Layout("timm", "PoolFormer v1 as timm hosts it (hf-hub timm/poolformer_{s12..m48}.sail_in1k)",
+           r"^stem\.conv\.weight$", _from_timm),
+)
+RIFORMER_LAYOUTS = (
+    Layout("open-mmlab/mmpretrain", "RIFormer release (download.openmmlab.com/mmclassification/v1/riformer/"
+           "riformer-*_32xb128_in1k*.pth: {'meta', 'state_dict'}, train form)", r"^backbone\.patch_embed\.",
+           _from_mmpretrain),
+)
+checkpoint_filter_fn = family_filter(POOLFORMER_LAYOUTS + RIFORMER_LAYOUTS)
+
+for _prefix, _block, _sizes, _layouts in (
+        ("poolformer_v1", PoolFormerBlock, CONFIGS, POOLFORMER_LAYOUTS),
+        ("riformer", RIFormerBlock, ("s12", "s24", "s36", "m36", "m48"), RIFORMER_LAYOUTS)):
     for _size in _sizes:
         _layers, _dims, _ls_init = CONFIGS[_size]
         register_family_model(__name__, f"{_prefix}_{_size}",
                               f"{_prefix} {_size.upper()}: layers {_layers}, widths {_dims}",
                               partial(MetaFormerV1, _layers, _dims, block=_block),
-                              imagenet_cfg("patch_embed.proj", pool_size=(7, 7)), layer_scale_init_value=_ls_init)
+                              imagenet_cfg("patch_embed.proj", pool_size=(7, 7)), _layouts,
+                              layer_scale_init_value=_ls_init)

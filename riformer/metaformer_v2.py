@@ -28,7 +28,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer, MetaFormerBlock
 
 from riformer import metaformer as metaformer_v1
-from riformer._builder import cfg_for_img_size, imagenet_cfg, refuse_pretrained, register_timm_model
+from timm.models.metaformer import checkpoint_filter_fn as timm_metaformer_filter
+
+from riformer._builder import (cfg_for_img_size, imagenet_cfg, load_local_checkpoint, local_checkpoint,
+                               refuse_pretrained, register_timm_model)
+from riformer.checkpoints import Layout, register_layouts
 from riformer.metaformer import fold_affine_into_norm
 
 __all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
@@ -110,14 +114,24 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# sail-sg/metaformer's own layout (downsample_layers / stages.{i}.{j} / head) -> timm's MetaFormer, ours.
+LAYOUTS = (Layout("sail-sg/metaformer", "MetaFormer-baselines release (github.com/sail-sg/metaformer README, "
+                  "huggingface.co/sail/dl: {identity,rand}former_*.pth, a plain state dict)",
+                  r"^downsample_layers\.0\.conv\.weight$", timm_metaformer_filter),)
+register_layouts(["identityformer_s12", "randformer_s12"], LAYOUTS)
+
+
 def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):
     """timm's MetaFormer; `features_only` through its `forward_intermediates` (FeatureGetterNet keeps the
-    model, so `riformer.deploy` finds AffineFormer's fold in a feature extractor too)."""
-    refuse_pretrained(variant, pretrained)
+    model, so `riformer.deploy` finds AffineFormer's fold in a feature extractor too); a local checkpoint
+    loads through the suite's loader."""
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained(variant, pretrained, checkpoint_path, loads_local_files=True)
     model_args = dict(arch, token_mixers=token_mixers, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
-    return build_model_with_cfg(model_cls, variant, pretrained=False,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-                                **dict(model_args, **kwargs))
+    model = build_model_with_cfg(model_cls, variant, pretrained=False,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+                                 **dict(model_args, **kwargs))
+    return load_local_checkpoint(model, variant, checkpoint_path)
 
 
 @register_timm_model

@@ -11,6 +11,7 @@ ResMLP-B24 (Touvron et al., "ResMLP") is timm's ResMLP at width 768, 24 blocks a
 patches; timm only registers the 8x8-patch B24 (`resmlp_big_24_224`), so we reuse its
 classes with the paper's patch size.
 """
+import re
 from functools import partial
 from typing import List, Tuple
 
@@ -24,8 +25,9 @@ from timm.models._features import feature_take_indices
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, prune_after, refuse_pretrained,
-                               register_timm_model)
+from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, load_local_checkpoint, local_checkpoint,
+                               prune_after, refuse_pretrained, register_timm_model)
+from riformer.checkpoints import Layout, register_layouts
 
 __all__ = ["SwinMixer"]
 
@@ -197,11 +199,41 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _from_swin_mlp(state, model):
+    """microsoft/Swin-Transformer's SwinMLP (downsampling at the end of a stage) -> ours (timm's
+    order: at the start of the next stage; the patch-merging channel order is the same)."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.", key)
+        key = re.sub(r"\.spatial_mlp\.", ".token_mixer.spatial_mlp.", key)
+        out[re.sub(r"^layers\.", "stages.", key)] = value
+    return out
+
+
+SWIN_MLP_LAYOUTS = (Layout("microsoft/Swin-Transformer", "Swin-MLP release (github.com/microsoft/Swin-Transformer "
+                           "get_started.md, swin_mlp_*.pth: {'model': ...})", r"^layers\.0\.blocks\.0\.spatial_mlp\.",
+                           _from_swin_mlp),)
+register_layouts(["swin_mixer_tiny_d6", "swin_mixer_base_d24"], SWIN_MLP_LAYOUTS)
+
+
+def _from_deit_resmlp(state, model):
+    from timm.models.mlp_mixer import checkpoint_filter_fn as timm_mixer_filter
+
+    return timm_mixer_filter(state, model)
+
+
+register_layouts(["resmlp_b24_p16"], (Layout(
+    "facebookresearch/deit", "ResMLP release (facebookresearch/deit resmlp_models.py, resmlpB_24_no_dist.pth: "
+    "{'model': ...})", r"^blocks\.0\.gamma_1$|^patch_embed\.proj\.", _from_deit_resmlp),))
+
+
 def _create_swin_mixer(variant: str, pretrained: bool, **kwargs) -> SwinMixer:
-    refuse_pretrained(variant, pretrained)
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained(variant, pretrained, checkpoint_path, loads_local_files=True)
     features = dict(flatten_sequential=True, out_indices=(0, 1, 2, 3))  # timm's Swin: the stages, NHWC
-    return build_model_with_cfg(SwinMixer, variant, pretrained=False, feature_cfg=features,
-                                **cfg_for_img_size(kwargs, stride=32))
+    model = build_model_with_cfg(SwinMixer, variant, pretrained=False, feature_cfg=features,
+                                 **cfg_for_img_size(kwargs, stride=32))
+    return load_local_checkpoint(model, variant, checkpoint_path)
 
 
 @register_timm_model
@@ -227,9 +259,10 @@ def swin_mixer_base_d24(pretrained=False, **kwargs) -> SwinMixer:
 @register_timm_model
 def resmlp_b24_p16(pretrained=False, **kwargs) -> MlpMixer:
     """ResMLP-B24 with 16x16 patches (ResMLP paper: 116M, 23.0G); timm's ResMLP classes."""
-    refuse_pretrained("resmlp_b24_p16", pretrained)
+    checkpoint_path = local_checkpoint(kwargs.pop("checkpoint_path", None), kwargs)
+    refuse_pretrained("resmlp_b24_p16", pretrained, checkpoint_path, loads_local_files=True)
     model_args = dict(patch_size=16, num_blocks=24, embed_dim=768, mlp_ratio=4,
                       block_layer=partial(ResBlock, init_values=1e-6), norm_layer=Affine)
-    return build_model_with_cfg(MlpMixer, "resmlp_b24_p16", pretrained=False,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"),
-                                **dict(model_args, **kwargs))
+    model = build_model_with_cfg(MlpMixer, "resmlp_b24_p16", pretrained=False,
+                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **dict(model_args, **kwargs))
+    return load_local_checkpoint(model, "resmlp_b24_p16", checkpoint_path)

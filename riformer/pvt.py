@@ -23,7 +23,8 @@ from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
-                               register_family_model, tokens_to_nchw, unwrap_state_dict)
+                               register_family_model, tokens_to_nchw)
+from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -218,10 +219,10 @@ _OFFICIAL_KEYS = [
 ]
 
 
-def checkpoint_filter_fn(state_dict, model):
-    """Map an official PVT v1 checkpoint (plain, or under 'model'/'state_dict') onto our layout."""
+def _from_official(state_dict, model):
+    """Map an official PVT v1 checkpoint (whai362/PVT) onto our layout."""
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         for pattern, replace in _OFFICIAL_KEYS:
             key = pattern.sub(replace, key)
         if key == "cls_token":
@@ -230,6 +231,10 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
+LAYOUTS = (Layout("whai362/PVT", "PVT v1 release (github.com/whai362/PVT classification/README, pvt_{small,medium,large}.pth)",
+                   r"^patch_embed1\.proj\.", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
+
 # Official configs: widths 64/128/320/512, heads 1/2/5/8, MLP ratios 8/8/4/4, SR ratios 8/4/2/1.
 DEPTHS = {"small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
 
@@ -237,4 +242,4 @@ DEPTHS = {"small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)
 for _size, _depths in DEPTHS.items():
     register_family_model(__name__, f"pvt_v1_{_size}", f"PVT-{_size.capitalize()}: depths {_depths}.",
                           partial(PyramidVisionTransformer, _depths), imagenet_cfg("stages.0.patch_embed.proj"),
-                          checkpoint_filter_fn)
+                          LAYOUTS)

@@ -18,8 +18,18 @@ The idle ratio is θ = 1 - μ/ρ. θ = 1 leaves no activation: the whole FFN is 
 The RePa variants are the backbones as timm (or this suite) builds them, with every block's FFN and
 the norm before it swapped for a `ChannelIdleFFN` that owns the block's second residual. Each RePa
 block class below is its backbone's block with only `forward` changed (the FFN call includes the
-residual); `_use_channel_idle_ffn` turns a built block into one. The attention / token-mixer norm,
-the final norm and everything else stay as the backbone has them.
+residual); `_use_channel_idle_ffn` turns a built block into one.
+
+Where the RePaFormer authors' code (Ackesnal/RePaViT: repavit.py, repaswin.py, repapoolformer.py,
+repamlpmixer.py) builds its backbone differently from timm's, we follow the authors, so that their
+checkpoints load and compute what they computed (`LAYOUTS` maps their key names onto ours):
+* RePa-DeiT/ViT: `pre_norm=True` (a LayerNorm after the position embedding, eps 1e-6, and a patch
+  embedding without bias) and the attention's LayerNorm with eps 1e-5 (timm's ViT uses 1e-6);
+* RePa-PoolFormer S12/S24/S36: pooling window 7 (PoolFormer's own is 3);
+* RePa-Mixer: the token-mixing MLP normalises over the tokens (LayerNorm of size N, eps 1e-5), not
+  over the channels as Mixer does.
+The attention / token-mixer, the final norm and everything else stay as the backbone has them.
+RePa-LV-ViT follows the authors' separate RePa-LV-ViT repository, which this suite could not read.
 """
 from __future__ import annotations
 
@@ -34,8 +44,14 @@ from timm.models.mlp_mixer import MixerBlock, MlpMixer
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 
+import re
+
+from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filter
+
 from riformer import lvvit, metaformer
-from riformer._builder import finish_timm_model, pop_feature_kwargs, refuse_pretrained, register, strip_timm_kwargs
+from riformer._builder import (finish_timm_model, load_local_checkpoint, local_checkpoint, pop_feature_kwargs,
+                               refuse_pretrained, register, strip_timm_kwargs)
+from riformer.checkpoints import Layout, register_layouts
 
 __all__ = ["ChannelIdleFFN", "num_active_channels", "VARIANTS"]
 
@@ -209,10 +225,11 @@ class RePaSwinBlock(SwinTransformerBlock):
 
 
 class RePaMixerBlock(MixerBlock):
-    """timm's Mixer block: the token-mixing MLP as is, the channel MLP channel-idle."""
+    """timm's Mixer block with the authors' token mixing: `norm1` normalises each channel over the N
+    tokens (LayerNorm(N), repamlpmixer.py), then the token MLP; the channel MLP is channel-idle."""
 
     def forward(self, x):
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x.transpose(1, 2))).transpose(1, 2))
         return self.mlp_channels(x)
 
 
@@ -293,6 +310,7 @@ def _base_model(name, kwargs):
 def _repa_vit(model, idle_ratio):
     for block in model.blocks:
         _no_layer_scale(block)
+        block.norm1.eps = 1e-5  # the attention's nn.LayerNorm(dim) in repavit.py
         _use_channel_idle_ffn(block, RePaViTBlock, idle_ratio)
 
 
@@ -303,6 +321,7 @@ def _repa_swin(model, idle_ratio):
 
 def _repa_mixer(model, idle_ratio):
     for block in model.blocks:
+        block.norm1 = nn.LayerNorm(model.stem.num_patches).to(block.norm1.weight)  # over tokens, eps 1e-5
         _use_channel_idle_ffn(block, RePaMixerBlock, idle_ratio, mlp="mlp_channels", drop_path="drop_path")
 
 
@@ -320,21 +339,22 @@ def _repa_lvvit(model, idle_ratio):
 
 
 # name: (converter, backbone registered with timm, extra backbone kwargs)
+VIT = {"pre_norm": True}  # repavit.py: norm_pre and a bias-free patch embedding
 VARIANTS = {
-    "repa_deit_tiny": (_repa_vit, "deit_tiny_patch16_224", {}),
-    "repa_deit_small": (_repa_vit, "deit_small_patch16_224", {}),
-    "repa_deit_base": (_repa_vit, "deit_base_patch16_224", {}),
-    "repa_vit_large": (_repa_vit, "vit_large_patch16_224", {}),
-    "repa_vit_huge": (_repa_vit, "vit_huge_patch14_224", {"patch_size": 16}),  # ViT-H/16 at 224
+    "repa_deit_tiny": (_repa_vit, "deit_tiny_patch16_224", VIT),
+    "repa_deit_small": (_repa_vit, "deit_small_patch16_224", VIT),
+    "repa_deit_base": (_repa_vit, "deit_base_patch16_224", VIT),
+    "repa_vit_large": (_repa_vit, "vit_large_patch16_224", VIT),
+    "repa_vit_huge": (_repa_vit, "vit_huge_patch14_224", {**VIT, "patch_size": 16}),  # ViT-H/16 at 224
     "repa_swin_tiny": (_repa_swin, "swin_tiny_patch4_window7_224", {}),
     "repa_swin_small": (_repa_swin, "swin_small_patch4_window7_224", {}),
     "repa_swin_base": (_repa_swin, "swin_base_patch4_window7_224", {}),
     # The original token-labeling LV-ViT-S/M (26.2M / 55.8M), which RePaFormer Table 2 compares with.
     "repa_lvvit_s": (_repa_lvvit, "lvvit_s_tl", {}),
     "repa_lvvit_m": (_repa_lvvit, "lvvit_m_tl", {}),
-    "repa_poolformer_s12": (_repa_poolformer, "poolformer_v1_s12", {}),
-    "repa_poolformer_s24": (_repa_poolformer, "poolformer_v1_s24", {}),
-    "repa_poolformer_s36": (_repa_poolformer, "poolformer_v1_s36", {}),
+    "repa_poolformer_s12": (_repa_poolformer, "poolformer_v1_s12", {"pool_size": 7}),  # repapoolformer.py
+    "repa_poolformer_s24": (_repa_poolformer, "poolformer_v1_s24", {"pool_size": 7}),
+    "repa_poolformer_s36": (_repa_poolformer, "poolformer_v1_s36", {"pool_size": 7}),
     "repa_mixer_b16": (_repa_mixer, "mixer_b16_224", {}),
     "repa_mixer_l16": (_repa_mixer, "mixer_l16_224", {}),
 }
@@ -359,13 +379,60 @@ def _repa_cfg(base_cfg: dict) -> dict:
     return {key: base_cfg[key] for key in CFG_FIELDS if base_cfg.get(key) is not None} | {"url": ""}
 
 
+def _rename(pairs):
+    def convert(state, model):
+        out = {}
+        for key, value in state.items():
+            for pattern, replace in pairs:
+                key = re.sub(pattern, replace, key)
+            out[key] = value
+        return out
+    return convert
+
+
+_CHANNEL_IDLE_FFN = [(r"\.mlp\.norm1\.", ".mlp.norm."), (r"\.mlp\.norm2\.", ".mlp.norm_hidden.")]
+_REPA_SWIN = _rename(_CHANNEL_IDLE_FFN)
+
+
+def _from_repaswin(state, model):
+    """repaswin.py is microsoft/Swin-Transformer's layout: timm's Swin filter, then the FFN names."""
+    return _REPA_SWIN(timm_swin_filter(state, model), model)
+
+
+def _from_repapoolformer(state, model):
+    out = _rename([(r"\.mlp\.ls$", ".mlp.layer_scale")] + _CHANNEL_IDLE_FFN)(state, model)
+    return {k: (v.flatten(1) if re.search(r"\.mlp\.fc[12]\.weight$", k) and v.dim() == 4 else v) for k, v in out.items()}
+
+
+_RELEASE = "RePaFormer authors' code (github.com/Ackesnal/RePaViT, weights huggingface.co/Ackesnal/RePaViT"
+LAYOUTS = {
+    _repa_vit: Layout("Ackesnal/RePaViT", f"{_RELEASE}: DeiT-style {{'model', 'args', ...}}, train form)",
+                      r"^blocks\.0\.attn\.norm\.weight$",
+                      _rename([(r"\.attn\.norm\.", ".norm1.")] + _CHANNEL_IDLE_FFN)),
+    _repa_swin: Layout("Ackesnal/RePaViT", f"{_RELEASE}: repaswin.py, DeiT-style, train form)",
+                       r"^layers\.0\.blocks\.0\.mlp\.norm1\.", _from_repaswin),
+    _repa_poolformer: Layout("Ackesnal/RePaViT", f"{_RELEASE}: repapoolformer.py, no weights released)",
+                             r"^network\.0\.0\.mlp\.norm1\.", _from_repapoolformer),
+    _repa_mixer: Layout("Ackesnal/RePaViT", f"{_RELEASE}: repamlpmixer.py, no weights released)",
+                        r"^blocks\.0\.mlp_tokens\.norm\.",
+                        _rename([(r"\.mlp_tokens\.norm\.", ".norm1."), (r"\.mlp_channels\.norm1\.", ".mlp_channels.norm."),
+                                 (r"\.mlp_channels\.norm2\.", ".mlp_channels.norm_hidden.")])),
+}
+
+
 def _register(name, convert, base, base_kwargs):
-    def build(pretrained=False, idle_ratio=None, **kwargs):
-        refuse_pretrained(name, pretrained)
+    def build(pretrained=False, idle_ratio=None, checkpoint_path=None, **kwargs):
+        checkpoint_path = local_checkpoint(checkpoint_path, kwargs)
+        refuse_pretrained(name, pretrained, checkpoint_path, loads_local_files=True)
         features = pop_feature_kwargs(kwargs)
         model = _base_model(base, {**base_kwargs, **kwargs})
         convert(model, idle_ratio)
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "architecture": name}
+        model = load_local_checkpoint(model, name, checkpoint_path)  # before a feature wrapper hides it
         return finish_timm_model(model, name, _repa_cfg(model.pretrained_cfg), FEATURE_CFGS[convert], features)
+
+    if convert in LAYOUTS:
+        register_layouts([name], [LAYOUTS[convert]])
 
     register(__name__, name, build,
              f"RePaFormer on {base} {base_kwargs or ''}: channel-idle FFNs; idle_ratio=None is "

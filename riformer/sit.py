@@ -51,12 +51,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from riformer._builder import (check_choice, imagenet_cfg, init_vit_weights, load_local_checkpoint,
-                               register_family_model, unwrap_state_dict)
+from riformer._builder import check_choice, imagenet_cfg, init_vit_weights, register_family_model
+from riformer.checkpoints import Layout, family_filter
 from riformer.lvvit import FEATURE_CFG, SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
-           "checkpoint_filter_fn"]
+           "checkpoint_filter_fn", "STUDENT_ONLY"]
+
+# What a SiT student has and its LV-ViT teacher lacks: `load_checkpoint(student, teacher_file,
+# allow_missing=STUDENT_ONLY)` initialises a student from its teacher (SiT's fine-tuning setting).
+STUDENT_ONLY = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
 
 SLIMMINGS = ("tsm", "avgpool", "conv", "token_mlp")
 RECALIBRATIONS = ("rtsm", "token_mlp", "interpolation", "deconvolution")  # SiT Table 8
@@ -337,6 +341,11 @@ class SiT(LVViT):
         """Drop the training-only recalibration branch (RTSM)."""
         self.rtsm = None
 
+    @property
+    def deployed(self) -> bool:
+        """In its inference form: no training-only recalibration branch."""
+        return self.rtsm is None
+
 
 def training_only_params(model: nn.Module) -> int:
     """Parameters that exist only for training (SiT's RTSM branch); 0 after deploy."""
@@ -344,13 +353,13 @@ def training_only_params(model: nn.Module) -> int:
     return sum(p.numel() for p in rtsm.parameters()) if rtsm is not None else 0
 
 
-def checkpoint_filter_fn(state_dict, model):
+def _from_official(state_dict, model):
     """Map an official Sense-X/SiT checkpoint (or an LV-ViT teacher one) onto our module names.
 
     Official names: tsm.{k}.weight.{0,1,3} (LN, W_k, W_q), rtsm.{i}.mlp1/mlp2 (token/channel MLP).
     """
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         key = rename_stem_key(key)
         parts = key.split(".")
         if parts[0] == "tsm" and parts[2] == "weight":
@@ -376,19 +385,9 @@ SIT_CONFIGS = {
 }
 
 
-def _load_teacher_or_student(model, checkpoint_path, filter_fn):
-    """A student checkpoint, or a teacher one (how SiT initialises students), which lacks only the
-    student-only modules."""
-    result = load_local_checkpoint(model, checkpoint_path, filter_fn, strict=False)
-    student_only = SiT.student_only_prefixes
-    misfits = [k for k in result.missing_keys if not k.startswith(student_only)] + result.unexpected_keys
-    if misfits:
-        raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: {misfits[:10]}")
-    missing_tsm = [k for k in result.missing_keys if k.startswith("tsm.")]
-    has_student_keys = len(result.missing_keys) < sum(k.startswith(student_only) for k in model.state_dict())  # all missing are student-only here
-    if missing_tsm and has_student_keys:  # a student checkpoint (it has student-only weights) without its TSMs
-        raise RuntimeError(f"{checkpoint_path} is a SiT student checkpoint without TSM weights "
-                           f"({missing_tsm[0]}, ...): it does not fit {type(model).__name__}'s slimming")
+LAYOUTS = (Layout("Sense-X/SiT", "SiT release (github.com/Sense-X/SiT README, Google Drive: {'model': ...}, "
+                   "train form: TSM and RTSM)", r"^patch_embed\.conv1\.weight$", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
 
 
 SIT_FEATURE_CFG = {**FEATURE_CFG, "output_fmt": "NLC"}  # slimmed tokens are not a grid
@@ -402,15 +401,14 @@ DEIT_S = dict(stem="patch16", embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.
 register_family_model(__name__, "sit_deit_s", f"SiT on DeiT-S: {DEIT_S}", SiT,
                       lambda kwargs: imagenet_cfg("patch_embed.proj", img_size=kwargs.get("img_size", 224),
                                                   fixed_input_size=True),
-                      checkpoint_filter_fn, _load_teacher_or_student, feature_cfg=SIT_FEATURE_CFG, **DEIT_S,
+                      (), feature_cfg=SIT_FEATURE_CFG, **DEIT_S,
                       stage_depths=(3, 3, 3, 3))
 
 for _size, (_teacher, _stages) in SIT_CONFIGS.items():
     _config = {**SIT_TEACHERS[_teacher], "stage_depths": _stages}
-    register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg,
-                          checkpoint_filter_fn, _load_teacher_or_student, feature_cfg=SIT_FEATURE_CFG, **_config)
+    register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg, LAYOUTS,
+                          feature_cfg=SIT_FEATURE_CFG, **_config)
     if _size != "l":  # SiT-L has no ‡ row
         register_family_model(__name__, f"sit_{_size}_dist",
                               f"SiT-{_size.upper()}‡ (distillation token and head for a CNN teacher): {_config}",
-                              SiT, _cfg, checkpoint_filter_fn, _load_teacher_or_student,
-                              feature_cfg=SIT_FEATURE_CFG, **_config, distilled=True)
+                              SiT, _cfg, LAYOUTS, feature_cfg=SIT_FEATURE_CFG, **_config, distilled=True)

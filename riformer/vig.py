@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from riformer._builder import check_choice, imagenet_cfg, register_family_model, unwrap_state_dict
+from riformer._builder import check_choice, imagenet_cfg, register_family_model
+from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["PyramidViG", "checkpoint_filter_fn"]
 
@@ -270,11 +271,11 @@ def _official_prefixes(model):
     return mapping
 
 
-def checkpoint_filter_fn(state_dict, model):
-    """Map an official Pyramid ViG checkpoint (plain, or under 'model'/'state_dict') onto our layout."""
+def _from_official(state_dict, model):
+    """Map an official Pyramid ViG checkpoint (huawei-noah/Efficient-AI-Backbones vig_pytorch) onto our layout."""
     prefixes = _official_prefixes(model)
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         if key.startswith("stem.convs."):
             key = "stem." + key[len("stem.convs."):]
         elif key.startswith("backbone."):
@@ -289,6 +290,11 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
+LAYOUTS = (Layout("huawei-noah/Efficient-AI-Backbones", "Pyramid ViG release (vig_pytorch/readme.md, "
+                   "pvig_{ti,s,m,b}_*.pth.tar: a plain state dict)", r"^backbone\.0\.0\.", _from_official),)
+checkpoint_filter_fn = family_filter(LAYOUTS)
+
+
 def _cfg(kwargs):
     """Built for one size, as the official model (position embedding and relative positions)."""
     img_size = kwargs.get("img_size", 224)
@@ -298,4 +304,8 @@ def _cfg(kwargs):
 
 register_family_model(__name__, "pvig_b_224",
                       "Pyramid ViG-B (official `pvig_b_224_gelu`): depths 2/2/18/2, widths 128/256/512/1024.",
-                      partial(PyramidViG, (2, 2, 18, 2), (128, 256, 512, 1024)), _cfg, checkpoint_filter_fn)
+                      partial(PyramidViG, (2, 2, 18, 2), (128, 256, 512, 1024)), _cfg, LAYOUTS)
+register_family_model(__name__, "pvig_ti_224",
+                      "Pyramid ViG-Ti (official `pvig_ti_224_gelu`): depths 2/2/6/2, widths 48/96/240/384; the "
+                      "smallest released Pyramid ViG, which the loader tests use.",
+                      partial(PyramidViG, (2, 2, 6, 2), (48, 96, 240, 384)), _cfg, LAYOUTS)

@@ -81,7 +81,7 @@ def test_smoke_run_of_every_family(tmp_path, generated, family):
     result = engine.train(load_recipe(path, scale="smoke"), data=generated, output=tmp_path, info={"command": "x"})
     assert result["scale"] == "smoke" and 0 <= result["top1"] <= 100
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["top1"] == result["top1"] and saved["data"] == generated
+    assert saved["top1"] == result["top1"] and saved["data"]["root"] == generated
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in log] == list(range(result["epochs"]))
     if family == "affine_imitation":  # the row's feat 80 / rel 20 of 120 epochs -> 8 / 2 of 12 at smoke scale

@@ -132,12 +132,20 @@ def test_official_checkpoints_load(tmp_path, name, source):
     official = timm.create_model(source, img_size=SMALL, num_classes=10).eval()
     path = tmp_path / "official.pth"
     torch.save({"model": to_official_keys(official.state_dict())}, path)
-    # timm.create_model keeps `checkpoint_path` for itself (no filter): call the entrypoint.
-    model = timm.models.model_entrypoint(name)(img_size=SMALL, num_classes=10, checkpoint_path=str(path)).eval()
     x = torch.randn(1, 3, SMALL, SMALL)
-    if name == source:
+    if name == source:  # the model function and timm.create_model both load through the family's layout
+        model = timm.models.model_entrypoint(name)(img_size=SMALL, num_classes=10, checkpoint_path=str(path)).eval()
         assert torch.equal(model(x), official(x))
-    else:  # a student initialised from its teacher: identical blocks, the slimmers stay fresh
+        model = timm.create_model(name, img_size=SMALL, num_classes=10, checkpoint_path=str(path)).eval()
+        assert torch.equal(model(x), official(x))
+    else:  # a teacher file is not a student: refused, unless the student-only modules may stay fresh
+        from riformer.checkpoints import CheckpointError, load_checkpoint
+        from riformer.sit import STUDENT_ONLY
+
+        with pytest.raises(CheckpointError, match="missing"):
+            timm.create_model(name, img_size=SMALL, num_classes=10, checkpoint_path=str(path))
+        model = timm.create_model(name, img_size=SMALL, num_classes=10)
+        load_checkpoint(model, path, allow_missing=STUDENT_ONLY)
         assert torch.equal(model.blocks[0].attn.qkv.weight, official.blocks[0].attn.qkv.weight)
 
 

@@ -93,7 +93,9 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     assert spec.recipe_of("scratch", "self") == "sit/table5/scratch_self.yaml"
     assert spec.recipe_of("scratch", "regnet") is None  # no recipe of its own, and no row recipe
     assert [spec.run_name("scratch", c) for c in ("self", "cait")] == ["scratch--self", "scratch--cait"]
-    assert spec.run_name("fine_tuning", "self") == "fine_tuning"
+    # A row without recipes still gives each cell its own folder: its columns read the same number
+    # (top-1 with another teacher), so one result cannot fill them all.
+    assert spec.run_name("fine_tuning", "self") == "fine_tuning--self"
 
     # `reproduce train` asks which column; each column trains into its own folder.
     with pytest.raises(EngineError, match=r"add --column \(self, cait\)"):
@@ -107,7 +109,13 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
     folder = tmp_path / "runs" / "sit-5" / "scratch--self"
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"top1": 79.5, "scale": "full"}))
+    from reproduce import provenance
+
+    provenance.write_result(folder / "result.json", cell={"table": "sit-5", "row": "scratch", "column": "self"},
+                            metrics={"top1": 79.5, "top5": 95.0}, model="sit_xs", form="deploy", img_size=224,
+                            recipe={"path": "recipes/sit/table5/scratch_self.yaml"}, transform={}, scale="full",
+                            data={"root": "/imagenet", "split": "validation", "images": 50000, "classes": 1000},
+                            device="cpu")
     run = runner.TableRun(spec, "cpu", kinds={"accuracy"}, show_progress=False)
     frame = run.run().set_index(["row", "column"])
     assert frame.loc[("scratch", "self"), "measured"] == "79.500"

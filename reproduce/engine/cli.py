@@ -121,38 +121,71 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
                    f"-> {output / 'result.json'}")
 
 
+def cell_of_output(output: Path | None) -> dict:
+    """{table, row, column} of a run folder runs/<table>/<row>[--<column>] (else all None)."""
+    if output is None or Path(output).resolve().parent.parent != RUNS.resolve():
+        return {"table": None, "row": None, "column": None}
+    row, _, column = Path(output).name.partition("--")
+    return {"table": Path(output).parent.name, "row": row, "column": column or None}
+
+
+def evaluate_into_cell(model, checkpoint, data, *, transform, img_size, form, output, cell, split="validation",
+                       num_classes=1000, batch_size=128, workers=4, release=None, model_kwargs=None) -> dict:
+    """Evaluate a checkpoint and, if `output` is given, write its result.json with provenance."""
+    from reproduce import provenance
+    from reproduce.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(model, checkpoint, data, transform=transform, img_size=img_size,
+                                 num_classes=num_classes, split=split, batch_size=batch_size, workers=workers,
+                                 form=form, model_kwargs=model_kwargs)
+    if output:
+        provenance.write_result(
+            Path(output) / "result.json", cell=cell, metrics=result, model=model, form=form, img_size=img_size,
+            weights={"path": str(Path(checkpoint).resolve()), "release": release, "layout": result["layout"]},
+            data={"root": str(data), "split": split, "images": result["images"], "classes": result["classes"]},
+            transform=transform, scale="full", device=result["device"])
+    return result
+
+
 @click.command("eval")
 @click.argument("model")
-@click.option("--checkpoint", required=True, type=str, help="weights (ours, or an official release)")
+@click.option("--checkpoint", required=True, type=str, help="weights: ours, or an official release in its layout")
 @click.option("--data", required=True, type=str, help="dataset root")
 @click.option("--split", default="validation", show_default=True)
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--crop-pct", default=0.9, show_default=True, help="resize to img_size / crop_pct, centre crop")
+@click.option("--resize", type=int, default=None, help="short side before the crop (instead of --crop-pct)")
+@click.option("--interpolation", default="bicubic", show_default=True)
+@click.option("--mean", default=None, help="normalisation mean, e.g. 0.5,0.5,0.5 (default ImageNet's)")
+@click.option("--std", default=None, help="normalisation std (default ImageNet's)")
 @click.option("--num-classes", default=1000, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--workers", default=4, show_default=True)
-@click.option("--deploy", "deploy_form", is_flag=True, help="the checkpoint holds the folded (deploy) model")
+@click.option("--deploy", "deploy_form", is_flag=True,
+              help="evaluate the deploy (folded) form: a train-form file is loaded, then folded")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="write result.json here (runs/<table>/<row> fills that table cell)")
-def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes, batch_size, workers, deploy_form,
-                 output):
+              help="write result.json here (runs/<table>/<row>[--<column>] fills that table cell)")
+def eval_command(model, checkpoint, data, split, img_size, crop_pct, resize, interpolation, mean, std, num_classes,
+                 batch_size, workers, deploy_form, output):
     """Top-1/top-5 of MODEL with the given weights, with the papers' eval transform."""
-    import sys
+    from reproduce.engine.evaluate import default_transform
 
-    from reproduce.engine import checkpoint as ckpt
-    from reproduce.engine.evaluate import evaluate_checkpoint
+    def floats(text):
+        return [float(v) for v in text.split(",")] if text else None
 
+    transform = default_transform(img_size, crop_pct, interpolation, floats(mean), floats(std))
+    if resize:
+        transform["resize"] = resize
     try:
-        result = evaluate_checkpoint(model, checkpoint, data, img_size=img_size, crop_pct=crop_pct,
-                                     num_classes=num_classes, split=split, batch_size=batch_size,
-                                     workers=workers, deploy=deploy_form)
-    except EngineError as err:
+        result = evaluate_into_cell(model, checkpoint, data, transform=transform, img_size=img_size,
+                                    form="deploy" if deploy_form else "train", output=output,
+                                    cell=cell_of_output(output), split=split, num_classes=num_classes,
+                                    batch_size=batch_size, workers=workers)
+    except (EngineError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images)")
+    click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images, "
+               f"{result['layout']} layout, {result['form']} form)")
     if output:
-        # An evaluation on a real validation set fills an accuracy cell like a finished training run.
-        ckpt.save_json({**result, "scale": "full", "data": data, "model": model, "checkpoint": checkpoint,
-                        "command": " ".join(["reproduce", *sys.argv[1:]])}, Path(output) / "result.json")
         click.echo(f"-> {Path(output) / 'result.json'}")
 
 

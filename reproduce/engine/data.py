@@ -91,13 +91,30 @@ def build_transform(data_cfg: dict, is_training: bool, img_size: int, crop_pct: 
                             interpolation=data_cfg.get("interpolation", "bicubic"))
 
 
+def eval_transform(transform: dict):
+    """An authors' eval transform, exactly: resize the short side to `resize` px, centre-crop `crop`,
+    normalise with `mean`/`std` (the weights manifest records these per release)."""
+    from timm.data import str_to_interp_mode
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(int(transform["resize"]), interpolation=str_to_interp_mode(transform.get("interpolation", "bicubic"))),
+        transforms.CenterCrop(int(transform["crop"])), transforms.ToTensor(),
+        transforms.Normalize(tuple(transform["mean"]), tuple(transform["std"]))])
+
+
 def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_size: int, crop_pct: float,
                   transform=None):
+    """A timm dataset with the training augmentation, the papers' eval transform (resize by crop
+    ratio, centre crop), a transform of the caller's, or an authors' eval transform given as a dict
+    (the weights manifest's, see `eval_transform`)."""
     from timm.data import create_dataset
 
     if not data_cfg.get("dataset"):
         _check_folder(root, split)
     dataset = create_dataset(data_cfg.get("dataset", ""), root=root, split=split, is_training=is_training)
+    if isinstance(transform, dict):
+        transform = eval_transform(transform)
     dataset.transform = transform or build_transform(data_cfg, is_training, img_size, crop_pct)
     return dataset
 

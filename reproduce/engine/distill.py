@@ -10,6 +10,7 @@ from pathlib import Path
 
 import riformer  # noqa: F401  (before timm: installs the torchvision shim)
 import timm
+from riformer.checkpoints import CheckpointError, load_checkpoint, read_state_dict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,33 +19,20 @@ from reproduce.engine import EngineError, _show, recipe_field
 
 
 def load_state(path, what: str) -> dict:
-    """A state dict from one of our checkpoints, an official release, or a plain state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{what} checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """The weights in a checkpoint (ours or an official release), read safely (riformer.checkpoints)."""
+    try:
+        return read_state_dict(path)
+    except CheckpointError as err:
+        raise EngineError(f"{what} checkpoint: {err}") from None
 
 
-def load_into(model: nn.Module, path, what: str) -> None:
-    """Strict load; a checkpoint of another architecture is a one-line error naming both."""
-    state = load_state(path, what)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong_shape:
-        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                 else f"{wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}, "
-                      f"expected {tuple(own[wrong_shape[0]].shape)}")
-        raise EngineError(f"{what} checkpoint {path} does not fit {type(model).__name__} "
-                          f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} "
-                          f"mis-shaped keys; {first}): is it the right architecture?")
-    model.load_state_dict(state)
+def load_into(model: nn.Module, path, what: str, name: str | None = None, **options):
+    """Strict load through the model family's official layouts (riformer.checkpoints.load_checkpoint);
+    a file of another architecture or form is a one-line EngineError naming both."""
+    try:
+        return load_checkpoint(model, path, name=name, **options)
+    except CheckpointError as err:
+        raise EngineError(f"{what} checkpoint: {err}") from None
 
 
 def create_model(recipe: dict, where: str, name: str, num_classes: int, kwargs: dict,
@@ -84,7 +72,7 @@ def build_teacher(recipe: dict, where: str, num_classes: int, what: str, random_
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not (random_ok and recipe["scale"] == "full" and not Path(checkpoint).is_file()):
         with recipe_field(recipe, f"{where}.checkpoint"):
-            load_into(teacher, checkpoint, what)
+            load_into(teacher, checkpoint, what, cfg.get("model"))
     elif not random_ok:
         raise EngineError(f"{_show(recipe['path'])}: {what} {cfg.get('model')} needs trained weights: "
                           f"set `{where}.checkpoint:` in the recipe")

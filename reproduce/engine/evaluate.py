@@ -4,11 +4,10 @@ from __future__ import annotations
 import contextlib
 
 import riformer  # noqa: F401  (before timm: installs the torchvision shim)
-import timm
 import torch
 
 from reproduce.engine import EngineError, distributed
-from reproduce.engine.data import build_dataset, eval_loader, num_classes_of
+from reproduce.engine.data import build_dataset, eval_loader, num_classes_of  # noqa: F401
 
 
 def autocast(device: torch.device, amp: str):
@@ -42,24 +41,37 @@ def check_classes(dataset, num_classes: int, root: str, where: str) -> None:
                           "point --data at the right dataset or fix num_classes")
 
 
-def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size=224, crop_pct=0.9,
-                        num_classes=1000, split="validation", batch_size=64, workers=4, deploy=False,
-                        dataset="", interpolation="bicubic", model_kwargs=None) -> dict:
-    """`reproduce eval`: build the model, load the checkpoint (deploy form if asked), evaluate."""
-    from riformer.deploy import deploy as fold
-    from reproduce.engine.distill import load_into
+def default_transform(img_size: int, crop_pct: float = 0.9, interpolation: str = "bicubic", mean=None, std=None) -> dict:
+    """The papers' default eval transform: resize the short side to img_size / crop_pct, centre crop."""
+    import math
 
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"resize": math.floor(img_size / crop_pct + 1e-6), "crop": img_size, "interpolation": interpolation,
+            "mean": list(mean or IMAGENET_DEFAULT_MEAN), "std": list(std or IMAGENET_DEFAULT_STD)}
+
+
+def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, transform: dict, img_size=224,
+                        num_classes=1000, split="validation", batch_size=64, workers=4, form="train",
+                        dataset="", model_kwargs=None) -> dict:
+    """`reproduce eval`: build the model, load the checkpoint through the one loader (a train-form
+    file is folded for form='deploy'), evaluate with `transform`. Metrics plus what was loaded."""
+    from riformer.checkpoints import CheckpointError, load_model
+
+    val = build_dataset({"dataset": dataset}, data, split, is_training=False, img_size=img_size, crop_pct=1.0,
+                        transform=transform)
+    found = num_classes_of(val)
+    if found is not None and found > num_classes:  # fewer is fine: the result records the count
+        raise EngineError(f"data {data} has {found} classes but model {model_name} has {num_classes}: "
+                          "point --data at the right dataset or pass --num-classes")
+    try:
+        model = load_model(model_name, checkpoint, form=form, num_classes=num_classes, **(model_kwargs or {}))
+    except CheckpointError as err:
+        raise EngineError(str(err)) from None
     ctx = distributed.setup()
-    if model_name not in timm.list_models(model_name):
-        raise EngineError(f"unknown model {model_name!r} (see `timm.list_models()` after `import riformer`)")
-    model = timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
-    if deploy:
-        fold(model.eval())
-    load_into(model, checkpoint, "model")
-    data_cfg = {"dataset": dataset, "interpolation": interpolation}
-    val = build_dataset(data_cfg, data, split, is_training=False, img_size=img_size, crop_pct=crop_pct)
-    check_classes(val, num_classes, data, f"model {model_name}")
     loader = eval_loader(val, batch_size, workers, ctx.rank, ctx.world)
     result = evaluate(model.to(ctx.device), loader, ctx, amp="bf16")
     distributed.teardown(ctx)
-    return result
+    report = model.checkpoint_report
+    return {**result, "classes": num_classes_of(val), "layout": report.layout, "form": report.form,
+            "device": str(ctx.device)}

@@ -132,7 +132,7 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
         elif init_from and init_from != "teacher" and not (allow_random_teachers and not Path(init_from).is_file()):
             if hasattr(model, "student_only_prefixes"):  # a SiT checkpoint must hold its TSMs
                 frd.check_student_checkpoint(model, load_state(init_from, "initial"), init_from)
-            load_into(model, init_from, "initial")
+            load_into(model, init_from, "initial", recipe["model"]["name"])
     check_token_mixer(model, recipe["model"].get("token_mixer"), recipe["path"])
     model.to(ctx.device)
     for teacher in (run.teacher, run.imitation_teacher, run.objective):
@@ -315,13 +315,12 @@ def deploy_form(run, metrics: dict):
 
 
 def finish(run, metrics: dict, info: dict) -> dict:
-    """Save the final model in its train and deploy forms, then the cell's result.json."""
-    result = {**{k: info[k] for k in ("table", "row", "column") if k in info},
-              "top1": metrics["top1"], "top5": metrics["top5"], "scale": run.recipe["scale"],
-              "data": run.data_root, "epochs": run.total_epochs, "recipe": info.get("recipe", run.recipe["path"]),
-              "command": info.get("command", ""), "model": run.recipe["model"]["name"]}
-    if "teacher_top1" in info:
-        result["teacher_top1"] = info["teacher_top1"]
+    """Save the final model in its train and deploy forms, then the cell's result.json (with provenance)."""
+    from reproduce import provenance
+    from reproduce.engine.evaluate import default_transform
+
+    data, extra = run.recipe["data"], {k: info[k] for k in ("teacher_top1",) if k in info}
+    result = {"top1": metrics["top1"], "top5": metrics["top5"]}
     if run.ctx.is_main:
         checkpoint.save_torch(run.model.state_dict(), run.output / "model.pt")
     folded, forms = deploy_form(run, metrics)  # both forms evaluated; an inexact fold fails here
@@ -331,7 +330,14 @@ def finish(run, metrics: dict, info: dict) -> dict:
             checkpoint.save_torch(folded.state_dict(), run.output / "model_deploy.pt")
         if run.ema is not None:
             checkpoint.save_torch(run.ema.module.state_dict(), run.output / "model_ema.pt")
-        checkpoint.save_json(result, run.output / "result.json")
+        result = provenance.write_result(
+            run.output / "result.json", cell=info, metrics=metrics, model=run.recipe["model"]["name"], form="train",
+            img_size=data["img_size"], recipe={"path": info.get("recipe", run.recipe["path"])},
+            data={"root": run.data_root, "split": data.get("val_split", "validation"), "images": metrics.get("images"),
+                  "classes": run.recipe["model"]["num_classes"]},
+            transform=default_transform(data["img_size"], data.get("crop_pct", 0.9), data.get("interpolation", "bicubic")),
+            scale=run.recipe["scale"], device=str(run.ctx.device), command=info.get("command") or None,
+            epochs=run.total_epochs, **extra)
     return result
 
 

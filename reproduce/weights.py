@@ -1,0 +1,173 @@
+"""The weights manifest (recipes/weights.yaml): which released file fills which table row.
+
+    release_of(table, row)      the Release that fills the row's accuracy cells, or None
+    why_none(table, row)        why nothing released fills it (with its source), or None
+    cells_of(release)           [(table, row), ...] that one release fills
+    find(release, weights_dir)  its file in DIR (checksum verified where published), or None
+    transform_of(release)       the authors' eval transform {resize, crop, interpolation, mean, std}
+    evaluate_table(spec, weights_dir, data)   evaluate every row whose file is in DIR (reproduce table --weights)
+
+Errors are `WeightsError` (one line).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from reproduce.registry import RECIPES
+
+MANIFEST = RECIPES / "weights.yaml"
+EVAL_WORKERS = 4  # data-loader workers of `reproduce table --weights`
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, corrupt or not the published one; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    project: str
+    model: str
+    file: str = ""
+    url: str = ""
+    sha256: str = ""
+    sha256_prefix: str = ""
+    layout: str = ""
+    form: str = "train"
+    img_size: int = 224
+    transform: dict = field(default_factory=dict, compare=False)
+    transform_source: str = ""
+    timm_tag: str = ""
+
+    @property
+    def local_name(self) -> str:
+        return self.file or f"{self.timm_tag}.safetensors"
+
+
+@lru_cache(maxsize=None)
+def _manifest() -> dict:
+    data = yaml.safe_load(MANIFEST.read_text())
+    releases = {name: Release(name=name, **entry) for name, entry in data["releases"].items()}
+    for table, rows in data["tables"].items():
+        for row, entry in rows.items():
+            if isinstance(entry, str) and entry not in releases:
+                raise WeightsError(f"{MANIFEST.name}: {table}/{row} names unknown release {entry!r}")
+    return {"releases": releases, "tables": data["tables"]}
+
+
+def releases() -> dict[str, Release]:
+    return _manifest()["releases"]
+
+
+def release_of(table: str, row: str) -> Release | None:
+    entry = _manifest()["tables"].get(table, {}).get(row)
+    return releases()[entry] if isinstance(entry, str) else None
+
+
+def why_none(table: str, row: str) -> str | None:
+    entry = _manifest()["tables"].get(table, {}).get(row)
+    return entry.get("none") if isinstance(entry, dict) else None
+
+
+def tables() -> list[str]:
+    return list(_manifest()["tables"])
+
+
+def cells_of(release: str) -> list[tuple[str, str]]:
+    return [(t, r) for t, rows in _manifest()["tables"].items() for r, e in rows.items() if e == release]
+
+
+def transform_of(release: Release) -> dict:
+    if release.transform:
+        return dict(release.transform)
+    import riformer  # noqa: F401  (torchvision shim before timm)
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(release.timm_tag)
+    if cfg is None:
+        raise WeightsError(f"timm has no pretrained cfg {release.timm_tag!r}")
+    crop = cfg.input_size[-1]
+    return {"resize": math.floor(crop / cfg.crop_pct + 1e-6), "crop": crop, "interpolation": cfg.interpolation,
+            "mean": list(cfg.mean), "std": list(cfg.std)}
+
+
+def transform_source(release: Release) -> str:
+    return release.transform_source or f"timm's pretrained cfg of {release.timm_tag}"
+
+
+def find(release: Release, weights_dir) -> Path | None:
+    """The release's file in `weights_dir` (None if absent), its checksum checked where published."""
+    from reproduce.provenance import file_sha256
+
+    path = Path(weights_dir) / release.local_name
+    if not path.is_file():
+        return None
+    if release.sha256 or release.sha256_prefix:
+        digest = file_sha256(path)
+        published = release.sha256 or release.sha256_prefix
+        if not digest.startswith(published):
+            raise WeightsError(f"{path}: sha256 {digest[:12]}… is not the published {published} of {release.name} "
+                               f"({release.url}); download it again")
+    return path
+
+
+def download(release: Release, weights_dir) -> Path:
+    """Fetch the release into `weights_dir` (needs a network); one-line WeightsError otherwise."""
+    target = Path(weights_dir) / release.local_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if release.timm_tag:
+            from huggingface_hub import hf_hub_download
+
+            cached = hf_hub_download(f"timm/{release.timm_tag}", "model.safetensors")
+            target.write_bytes(Path(cached).read_bytes())
+        else:
+            import urllib.request
+
+            urllib.request.urlretrieve(release.url, target)  # noqa: S310  (a published https URL)
+    except Exception as err:  # noqa: BLE001  any network failure is the same one line
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(f"cannot download {release.name} ({release.url or 'hf-hub timm/' + release.timm_tag}): "
+                           f"{reason[:120]}; download it elsewhere and put it in {weights_dir} as "
+                           f"{release.local_name}") from None
+    return target
+
+
+def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=None, echo=print) -> list[str]:
+    """Evaluate every row of `spec` whose release file is in `weights_dir`, with the release's
+    transform, into the cell's run folder (result.json with provenance). Returns the rows done."""
+    from reproduce.engine.cli import RUNS, evaluate_into_cell
+    from reproduce.engine import EngineError
+
+    done = []
+    for row in spec.rows.values():
+        release = release_of(spec.id, row.id)
+        if release is None or row.cited:
+            continue
+        path = find(release, weights_dir)
+        if path is None:
+            continue
+        columns = [c for c in spec.columns.values() if c.kind == "accuracy" and not c.model_from
+                   and (row.id, c.id) in set(zip(spec.reference["row"], spec.reference["column"]))]
+        folders = {spec.run_name(row.id, c.id): c for c in columns}
+        for folder, column in folders.items():
+            own = folder != row.id
+            form = column.form or row.form
+            try:
+                result = evaluate_into_cell(
+                    row.model, str(path), data, transform=transform_of(release), img_size=row.img_size, form=form,
+                    output=RUNS / spec.id / folder, cell={"table": spec.id, "row": row.id,
+                                                          "column": column.id if own else None},
+                    batch_size=batch_size, workers=EVAL_WORKERS if workers is None else workers, release=release.name,
+                    model_kwargs=row.model_kwargs)
+            except EngineError as err:
+                raise WeightsError(f"{spec.id}/{row.id}: {err}") from None
+            echo(f"{spec.id}/{folder}: {release.local_name} -> top-1 {result['top1']:.2f} "
+                 f"({result['images']} images, {form} form)")
+        done.append(row.id)
+    return done
