@@ -71,7 +71,9 @@ def test_official_layout_loads_on_every_path(family, tmp_path, tiny_data):
     report = load_checkpoint(timm.create_model(name, num_classes=CLASSES), path)
     assert report.layout == fixture["layout"] and not report.missing and not report.unexpected
     # a distillation teacher (and init_from: the same load_into)
-    teacher = build_teacher({"model": name, "checkpoint": str(path)}, CLASSES, "teacher", "full")
+    recipe = {"path": str(tmp_path / "recipe.yaml"), "scale": "full",
+              "distill": {"teacher": {"model": name, "checkpoint": str(path)}}}
+    teacher = build_teacher(recipe, "distill.teacher", CLASSES, "teacher", random_ok=False)
     for (key, a), b in zip(via_timm.state_dict().items(), teacher.state_dict().values()):
         assert torch.equal(a, b), key
     # reproduce eval, which writes the cell's result.json with its provenance
@@ -177,16 +179,18 @@ def test_acceptance_refuses_what_does_not_belong_to_the_cell(tmp_path):
 
 def test_sit_tables_need_one_run_per_cell(tmp_path):
     spec = load_table("sit-6")
-    assert spec.run_name("ratio_1", "top1_frd") != spec.run_name("ratio_1", "top1_hard")
-    row, column = spec.rows["ratio_1"], spec.columns["top1_hard"]
+    # ratio 1 is the unslimmed LV-ViT-Ti teacher: one run (its recipe) fills both columns
+    assert spec.run_name("ratio_1", "top1_frd") == spec.run_name("ratio_1", "top1_hard") == "ratio_1"
+    assert spec.run_name("ratio_0_75", "top1_frd") != spec.run_name("ratio_0_75", "top1_hard")
+    row, column = spec.rows["ratio_0_75"], spec.columns["top1_hard"]
     ckpt = tmp_path / "w.pth"
     ckpt.write_bytes(b"w")
-    result = _result("sit-6", "ratio_1", None, path=ckpt, model="lvvit_ti")
-    assert "needs its own run" in provenance.accept(spec, row, column, result, "lvvit_ti", "train")[1]
+    result = _result("sit-6", "ratio_0_75", None, path=ckpt, model="sit_ti")
+    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
     result["column"] = "top1_frd"
-    assert "needs its own run" in provenance.accept(spec, row, column, result, "lvvit_ti", "train")[1]
+    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
     result["column"] = "top1_hard"
-    assert provenance.accept(spec, row, column, result, "lvvit_ti", "train") == (77.2, None)
+    assert provenance.accept(spec, row, column, result, "sit_ti", "train") == (77.2, None)
 
 
 def test_manifest_api():
