@@ -143,7 +143,9 @@ def _operands(spec, row, column) -> list[tuple[str, str]]:
     return [(row.id, column.of)] + ([over] if over else [])
 
 
-def _cell_coverable(spec, run: TableRun, row_id: str, column_id: str) -> bool:
+def _cell_coverable(spec, run: TableRun, row_id: str, column_id: str, operand: bool = False) -> bool:
+    """Whether the path that fills this cell works here; `operand`: the cell is only an input of a
+    derived cell (a gain needs its throughputs measured, not comparable)."""
     row, column = spec.rows[row_id], spec.columns[column_id]
     if row.cited:
         return False
@@ -155,14 +157,14 @@ def _cell_coverable(spec, run: TableRun, row_id: str, column_id: str) -> bool:
             return False
     if column.kind in DERIVED_KINDS:
         operands = _operands(spec, row, column)
-        return len(operands) == 2 and all(_cell_coverable(spec, run, r, c) for r, c in operands)
+        return len(operands) == 2 and all(_cell_coverable(spec, run, r, c, operand=True) for r, c in operands)
     if kind == "accuracy":
         recipe = spec.recipe_of(row_id, column_id)
         return bool(recipe and recipe_runs(RECIPES / recipe)[0]) or released_weights(spec, row_id, column_id)
     if row.pending:
         return False
     target = run.target(row, column)
-    if kind == "throughput" and (run.protocol_spec is None or (column.kind == "throughput" and not run.on_paper_device())):
+    if kind == "throughput" and (run.protocol_spec is None or (not operand and not run.on_paper_device())):
         return False  # absolute images/s compare only on the paper's device
     return model_builds(target.model, json.loads(target.kwargs), target.form)[0]
 
@@ -317,7 +319,7 @@ def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str) -> 
                 moves.append(f"{name}: newly measured: {_shown(cell)} (was {old.status})")
             continue
         if not cell.measured:
-            failures.append(f"{name}: measured {_shown(old)} {what}, now {cell.status}: {cell.note[:160]}")
+            failures.append(f"{name}: measured {_shown(old)} in {what}, now {cell.status}: {cell.note[:160]}")
             continue
         if kind in EXACT_KINDS or column.kind == "difference":
             if cell.measured != old.measured:
@@ -328,10 +330,10 @@ def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str) -> 
             a, b = _spread(old), _spread(cell)
             if a and b and (b[1] < a[0] or b[0] > a[1]):
                 failures.append(f"{name}: moved from {_shown(old)} to {_shown(cell)} "
-                                f"({_delta(old.measured, cell.measured)}): its range no longer overlaps the one {what}")
+                                f"({_delta(old.measured, cell.measured)}): its range no longer overlaps the one in {what}")
             elif cell.measured != old.measured or cell.status != old.status:
-                moves.append(f"{name}: {_shown(old)} → {_shown(cell)} ({_delta(old.measured, cell.measured)}; "
-                             "ranges overlap)")
+                how = "ranges overlap" if a and b else f"no range in {what} to compare"
+                moves.append(f"{name}: {_shown(old)} → {_shown(cell)} ({_delta(old.measured, cell.measured)}; {how})")
     return failures, moves
 
 
@@ -372,14 +374,14 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
 
     accepted, found.baseline = committed_results(path, against)
     if accepted is not None:
-        failures, moves = compare_with(spec, accepted, frame, f"in {found.baseline}")
+        failures, moves = compare_with(spec, accepted, frame, found.baseline)
         found.moved += moves
         (found.accepted if update else found.problems).extend(failures)
 
     if remeasure:
         fresh, meta = _remeasure(spec, device, device_tag, show_progress)
         if fresh is not None:
-            failures, moves = compare_with(spec, frame, fresh, "in the results file")
+            failures, moves = compare_with(spec, frame, fresh, "the results file")
             problems, _ = reference_problems(spec, fresh, device_tag, complete=False)
             found.problems += [f"re-measured {p}" for p in problems]
             found.moved += [f"re-measured {m}" for m in moves]

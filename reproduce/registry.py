@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -151,7 +151,7 @@ class TableSpec:
 _ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "settings")}
 _COLUMN_FIELDS = {f for f in ColumnSpec.__dataclass_fields__ if f != "id"}
 _TABLE_FIELDS = {"id", "paper", "number", "title", "protocol", "columns", "rows", "defaults", "notes", "reasons",
-                 "guards"}
+                 "guards", "deviations"}
 _DEVIATION_FIELDS = {"status", "reason", "measured", "device"}
 
 
@@ -273,6 +273,14 @@ def load_table(table_id: str) -> TableSpec:
     if not isinstance(reasons, dict):
         _fail(path, "`reasons:` must be a mapping {name: text}")
     rows = {rid: _row(path, rid, r, defaults, reasons) for rid, r in data["rows"].items()}
+    # `deviations: {row: {column: ...}}` at the top level of a spec: the same as in each row
+    table_deviations = data.get("deviations") or {}
+    if not isinstance(table_deviations, dict):
+        _fail(path, "`deviations:` must be a mapping {row: {column: {status, reason, ...}}}")
+    for rid, devs in table_deviations.items():
+        if rid not in rows:
+            _fail(path, f"`deviations:` names row '{rid}', which is not a row")
+        rows[rid] = replace(rows[rid], deviations={**rows[rid].deviations, **_deviations(path, rid, devs, reasons)})
     for row in rows.values():
         if row.baseline and row.baseline not in rows:
             _fail(path, f"row '{row.id}' has baseline '{row.baseline}', which is not a row")
