@@ -30,6 +30,9 @@ def small_table(tmp_path, monkeypatch):
         "defaults": {"img_size": 64},
         "rows": {"poolformer_s12": {"model": "poolformer_v1_s12"},
                  "riformer_s12": {"model": "riformer_s12", "form": "deploy", "baseline": "poolformer_s12"}},
+        # counted at 64 px, the MACs are a fraction of the printed 1.8 G: accepted, with the value
+        "deviations": {row: {"macs": {"status": "mismatch", "measured": "0.149", "reason": "counted at 64 px"}}
+                       for row in ROWS},
     }
     (recipes / "tables" / "riformer-6.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     ref = pd.read_csv(REAL_REFERENCE, dtype=str, keep_default_na=False)
