@@ -5,6 +5,7 @@
     reproduce diff riformer-6              results vs reference, declared deviations and committed results
     reproduce all-tables                   every table at this machine's scale
     reproduce bench riformer_s12 ...       ad-hoc throughput with the same harness
+    reproduce plan --all                   what the pending accuracy cells cost to fill (estimates)
 """
 from __future__ import annotations
 
@@ -152,7 +153,17 @@ def list_tables(fmt, device, results_dir):
     out.print(grid)
 
 
-def _run_one(table_id, columns, device, results_dir, no_cache, quiet):
+def _rows(spec, rows: str | None) -> set[str] | None:
+    if not rows:
+        return None
+    asked = {r.strip() for r in rows.split(",") if r.strip()}
+    unknown = sorted(asked - set(spec.rows))
+    if unknown:
+        raise SuiteError(f"{spec.id} has no row(s) {', '.join(unknown)}; its rows: {', '.join(spec.rows)}")
+    return asked
+
+
+def _run_one(table_id, columns, device, results_dir, no_cache, quiet, rows=None, timing=None):
     from reproduce.runner import MeasurementCache, results_paths, run_table
 
     spec = _spec(table_id)
@@ -161,7 +172,8 @@ def _run_one(table_id, columns, device, results_dir, no_cache, quiet):
     _writable(csv_path.parent)
     try:
         frame, csv_path, md_path = run_table(spec, device, kinds, results_dir,
-                                             MeasurementCache(enabled=not no_cache), show_progress=not quiet)
+                                             MeasurementCache(enabled=not no_cache), show_progress=not quiet,
+                                             rows=_rows(spec, rows), protocol_overrides=timing)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted:[/] nothing written for {spec.id}; finished measurements are "
                       "cached, so running the command again resumes")
@@ -179,10 +191,15 @@ def _run_one(table_id, columns, device, results_dir, no_cache, quiet):
 @click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)")
 @click.option("--no-cache", is_flag=True, help="measure again instead of reusing cached measurements")
 @click.option("--quiet", is_flag=True, help="no progress bars, no table printout")
-def table(table_id, columns, device, results_dir, no_cache, quiet):
+@click.option("--rows", help="comma-separated row ids: measure only these (the other rows' results are kept)")
+@click.option("--runs", type=click.IntRange(min=1), help="timed passes (or seconds) per repeat instead of the protocol's")
+@click.option("--repeats", type=click.IntRange(min=1), help="timings per model instead of the protocol's")
+@click.option("--warmup", type=click.IntRange(min=0), help="warm-up passes (or seconds) instead of the protocol's")
+def table(table_id, columns, device, results_dir, no_cache, quiet, rows, runs, repeats, warmup):
     """Measure TABLE_ID (e.g. riformer-6) and print it beside the paper."""
     device = _device(device)
-    md_path = _run_one(table_id, columns, device, results_dir, no_cache, quiet)
+    md_path = _run_one(table_id, columns, device, results_dir, no_cache, quiet, rows,
+                       dict(runs=runs, repeats=repeats, warmup=warmup))
     if not quiet:
         out.print(Markdown(md_path.read_text()))
 
@@ -301,10 +318,12 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
 # Commands that live with their subsystem.
 from reproduce.engine.cli import eval_command, train_command  # noqa: E402
 from reproduce.figures import figure_command  # noqa: E402
+from reproduce.plan import plan_command  # noqa: E402
 
 main.add_command(train_command, "train")
 main.add_command(eval_command, "eval")
 main.add_command(figure_command, "figure")
+main.add_command(plan_command, "plan")
 
 if __name__ == "__main__":
     main()

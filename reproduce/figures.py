@@ -468,7 +468,8 @@ def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: b
 
 @click.group("figure", context_settings={"help_option_names": ["-h", "--help"]})
 def figure_command():
-    """Latency breakdowns: RIFormer Fig. 1 and RePaFormer Fig. 3 (CSV + PNG)."""
+    """The papers' figures as CSV + PNG: latency breakdowns (riformer-1, repaformer-3) and the
+    speed-accuracy figures defined as data in recipes/figures/ (repaformer-2, sit-6)."""
 
 
 @figure_command.command("riformer-1")
@@ -501,3 +502,190 @@ def repaformer_3_command(models, all_models, device, results_dir, img_size, batc
         wide = frame.pivot(index="label", columns="component", values="share_pct")
         wide["total_ms"] = frame[frame.component == "total"].set_index("label")["latency_ms"]
         click.echo(wide[[*COMPONENTS, "total_ms"]].loc[list(dict.fromkeys(frame["label"]))].to_string())
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-accuracy figures, defined as data: recipes/figures/<id>.yaml names a table, the columns on
+# the axes, the rows of each series (and panel). Throughput is the suite's, measured on the device
+# by the table's protocol (cached like the table's); accuracy is measured where a result exists
+# (runs/<table>/...result.json, as the table reads it) and the paper's printed number otherwise,
+# drawn hollow and said so in the legend and the CSV.
+
+FIGURES_DIR = RESULTS_DIR.parent / "recipes" / "figures"
+_FIGURE_FIELDS = {"id", "title", "table", "x", "y", "size", "arrows", "lines", "panels"}
+
+
+def figure_ids() -> list[str]:
+    return sorted(p.stem for p in FIGURES_DIR.glob("*.yaml"))
+
+
+def load_figure(figure_id: str) -> dict:
+    """A figure definition, checked against its table: unknown fields, rows or columns are named."""
+    import yaml
+
+    from reproduce.registry import load_table
+
+    path = FIGURES_DIR / f"{figure_id}.yaml"
+    if not path.exists():
+        raise RegistryError(f"unknown figure '{figure_id}'; data-defined figures: {', '.join(figure_ids())}")
+    where = f"recipes/figures/{path.name}"
+    spec = yaml.safe_load(path.read_text())
+    unknown = set(spec) - _FIGURE_FIELDS
+    if unknown:
+        raise RegistryError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIGURE_FIELDS)}")
+    table = load_table(spec["table"])
+    for axis in ("x", "y", "size"):
+        column = (spec.get(axis) or {}).get("column")
+        if axis != "size" and not column or column and column not in table.columns:
+            raise RegistryError(f"{where}: {axis}.column {column!r} is not a column of {table.id}")
+    for panel in spec["panels"]:
+        for series in panel["series"]:
+            missing = [r for r in series["rows"] if r not in table.rows]
+            if missing:
+                raise RegistryError(f"{where}: series '{series['label']}' names rows {missing} that {table.id} lacks")
+    return {**spec, "spec": table}
+
+
+def speed_accuracy(figure: dict, device: str = "cpu", cache=None, progress: Progress | None = None,
+                   **protocol_overrides) -> pd.DataFrame:
+    """One line per point: measured throughput with its range, accuracy measured or reported."""
+    from reproduce.registry import NOT_REPORTED
+    from reproduce.runner import MeasurementCache, TableRun
+
+    spec = figure["spec"]
+    x_col, y_col = figure["x"]["column"], figure["y"]["column"]
+    size_col = (figure.get("size") or {}).get("column")
+    rows = {r for panel in figure["panels"] for series in panel["series"] for r in series["rows"]}
+    rows |= {spec.rows[r].baseline for r in rows if figure.get("arrows") == "baseline" and spec.rows[r].baseline}
+    run = TableRun(spec, device, {"throughput"}, cache or MeasurementCache(), show_progress=progress is not None,
+                   rows=rows, protocol_overrides=protocol_overrides)
+    run.run()
+    printed = {(r.row, r.column): r for r in spec.reference.itertuples()}
+
+    def reported(row, column):
+        ref = printed.get((row, column))
+        return float(ref.reported) if ref and ref.reported not in NOT_REPORTED else None
+
+    by_text: dict[str, list[int]] = {}   # one description per distinct protocol, with its image sizes
+    for size, protocol in sorted(run.protocols_used.items()):
+        by_text.setdefault(protocol.describe(), []).append(size)
+    scaled = "" if device.startswith("cuda") else " (CPU-scaled)"
+    meta = _meta_columns(device, "; ".join(f"{spec.protocol}{scaled} @{'/'.join(map(str, sizes))}: {text}"
+                                           for text, sizes in by_text.items()) or "cached")
+    lines = []
+    for p, panel in enumerate(figure["panels"]):
+        for series in panel["series"]:
+            for row_id in series["rows"]:
+                row, measured_y = spec.rows[row_id], run.values.get((row_id, y_col))
+                throughput = run.values.get((row_id, x_col))
+                low, high = run.ranges.get((row_id, x_col), (None, None))
+                accuracy = measured_y if measured_y is not None else reported(row_id, y_col)
+                notes = [run.notes.get((row_id, x_col), "")]
+                if throughput is None:
+                    notes.insert(0, run.failures.get(run.target(row, spec.columns[x_col]), "throughput not measured"))
+                lines.append({
+                    "figure": figure["id"], "panel": panel.get("title", ""), "panel_index": p,
+                    "series": series["label"], "row": row_id, "label": printed[(row_id, y_col)].label
+                    if (row_id, y_col) in printed else row_id, "model": row.model, "form": row.form,
+                    "img_size": row.img_size, "baseline": row.baseline or "",
+                    "throughput": _round(throughput) if throughput is not None else "",
+                    "throughput_min": _round(low) if low is not None else "",
+                    "throughput_max": _round(high) if high is not None else "",
+                    "throughput_source": "measured" if throughput is not None else "",
+                    "reported_throughput": reported(row_id, x_col) or "",
+                    "accuracy": accuracy if accuracy is not None else "",
+                    "accuracy_source": "measured" if measured_y is not None else "reported" if accuracy is not None else "",
+                    "size": reported(row_id, size_col) or "" if size_col else "",
+                    "note": "; ".join(n for n in notes if n), **meta})
+    return pd.DataFrame(lines)
+
+
+def plot_speed_accuracy(frame: pd.DataFrame, figure: dict):
+    from matplotlib.lines import Line2D
+
+    panels = sorted(set(frame["panel_index"]))
+    fig = _new_figure(10.5 if len(panels) == 1 else 7.4 * len(panels), 6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = {}
+    for p, ax in zip(panels, axes):
+        part = frame[(frame["panel_index"] == p) & (frame["throughput"] != "")]
+        for label, points in part.groupby("series", sort=False):
+            color = next(s["color"] for panel in figure["panels"] for s in panel["series"] if s["label"] == label)
+            colors[label] = color
+            points = points[points["accuracy"] != ""].copy()
+            points[["throughput", "throughput_min", "throughput_max", "accuracy"]] = \
+                points[["throughput", "throughput_min", "throughput_max", "accuracy"]].astype(float)
+            points = points.sort_values("throughput")
+            if figure.get("lines"):
+                ax.plot(points["throughput"], points["accuracy"], color=color, lw=1.2, zorder=1)
+            area = [30 + 2.5 * float(s) for s in points["size"]] if figure.get("size") else 45
+            measured = points["accuracy_source"] == "measured"
+            ax.errorbar(points["throughput"], points["accuracy"],
+                        xerr=[points["throughput"] - points["throughput_min"], points["throughput_max"] - points["throughput"]],
+                        fmt="none", ecolor=color, elinewidth=0.8, capsize=2, zorder=2)
+            for is_measured in (True, False):
+                chosen = points[measured == is_measured]
+                sizes = area if isinstance(area, int) else [a for a, m in zip(area, measured) if m == is_measured]
+                ax.scatter(chosen["throughput"], chosen["accuracy"], s=sizes, zorder=3, linewidths=1.4,
+                           facecolors=color if is_measured else "white", edgecolors=color)
+            for _, point in points.iterrows():
+                ax.annotate(point["label"], (point["throughput"], point["accuracy"]), fontsize=6.5,
+                            xytext=(4, 3), textcoords="offset points")
+        if figure.get("arrows") == "baseline":
+            placed = part[(part["accuracy"] != "")].set_index("row")
+            for row, point in placed.iterrows():
+                if point["baseline"] in placed.index:
+                    base = placed.loc[point["baseline"]]
+                    ax.annotate("", xy=(float(point["throughput"]), float(point["accuracy"])),
+                                xytext=(float(base["throughput"]), float(base["accuracy"])),
+                                arrowprops={"arrowstyle": "->", "color": "#888888", "lw": 0.8})
+        ax.set_xscale(figure["x"].get("scale", "linear"))
+        ax.set_xlabel(figure["x"]["label"])
+        ax.set_ylabel(figure["y"]["label"])
+        ax.grid(alpha=0.3, which="both")
+        if frame.loc[frame["panel_index"] == p, "panel"].iloc[0]:
+            ax.set_title(frame.loc[frame["panel_index"] == p, "panel"].iloc[0], fontsize=10)
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=label) for label, c in colors.items()]
+    handles += [Line2D([], [], marker="o", ls="", color="black", label="accuracy measured (filled)"),
+                Line2D([], [], marker="o", ls="", markerfacecolor="white", color="black",
+                       label="accuracy as printed in the paper (hollow)"),
+                Line2D([], [], marker="|", ls="", color="black", label="throughput: median, bar = range")]
+    if figure.get("size"):
+        handles.append(Line2D([], [], ls="", label=f"marker area: {figure['size']['label']}"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=7.5, frameon=False)
+    fig.suptitle(f"{figure['title']}\nthroughput measured on this device; accuracy measured where a result "
+                 "exists, else the paper's", fontsize=10.5)
+    fig.supxlabel(_subtitle(frame, 120 * len(panels)), fontsize=6.5)
+    return fig
+
+
+def _speed_accuracy_command(figure_id: str):
+    @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
+    @click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)")
+    @click.option("--no-cache", is_flag=True, help="time again instead of reusing cached throughputs")
+    @click.option("--runs", type=int, help="timed passes (or seconds) per repeat (default: the protocol's)")
+    @click.option("--repeats", type=int, help="timings per model (default: the protocol's)")
+    @click.option("--warmup", type=int, help="warm-up passes (or seconds) (default: the protocol's)")
+    @click.option("--quiet", is_flag=True, help="no progress bar, no printout")
+    def command(device, results_dir, no_cache, runs, repeats, warmup, quiet):
+        from reproduce.runner import MeasurementCache
+
+        try:
+            figure = load_figure(figure_id)
+            device = measure.resolve_device(device)
+            frame = speed_accuracy(figure, device, MeasurementCache(enabled=not no_cache),
+                                   progress=None if quiet else True, runs=runs, repeats=repeats, warmup=warmup)
+        except (RegistryError, measure.MeasureError) as e:
+            _fail(f"{figure_id}: {e}")
+        csv_path, png_path = write_figure(figure_id, frame, plot_speed_accuracy(frame, figure), device, results_dir)
+        click.echo(f"{figure_id}: wrote {csv_path} and {png_path.name}", err=True)
+        if not quiet:
+            click.echo(frame[["series", "label", "throughput", "throughput_min", "throughput_max", "accuracy",
+                              "accuracy_source"]].to_string(index=False))
+
+    command.__doc__ = f"Speed vs accuracy as defined in recipes/figures/{figure_id}.yaml (CSV + PNG)."
+    return click.command(figure_id)(command)
+
+
+for _figure_id in figure_ids():
+    figure_command.add_command(_speed_accuracy_command(_figure_id))

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -106,9 +106,12 @@ class TableRun:
     """Measures the cells of `spec` whose column kinds are in `kinds` on `device`."""
 
     def __init__(self, spec: TableSpec, device: str = "cpu", kinds: set[str] | None = None,
-                 cache: MeasurementCache | None = None, show_progress: bool = True, only: set | None = None):
+                 cache: MeasurementCache | None = None, show_progress: bool = True,
+                 rows: set[str] | None = None, protocol_overrides: dict | None = None, only: set | None = None):
         self.spec, self.device = spec, measure.resolve_device(device)
         self.kinds = kinds
+        self.rows = rows                                  # only these rows' cells (None: every row)
+        self.protocol_overrides = {k: v for k, v in (protocol_overrides or {}).items() if v is not None}
         self.only = only  # {(row, column)}: measure just these cells (and their operands), e.g. diff's guards
         self.cache = cache or MeasurementCache()
         self.show_progress = show_progress
@@ -137,7 +140,8 @@ class TableRun:
     def _needed_cells(self, kinds) -> list[tuple]:
         """(row, column) pairs of these kinds that the reference prints or a derived column needs."""
         cells = {(r, c) for r, c, v in zip(self.spec.reference["row"], self.spec.reference["column"],
-                                           self.spec.reference["reported"]) if v not in NOT_REPORTED}
+                                           self.spec.reference["reported"])
+                 if v not in NOT_REPORTED and (self.rows is None or r in self.rows)}
         if self.only is not None:
             cells &= set(self.only)
         for row_id, col_id in list(cells):
@@ -199,7 +203,9 @@ class TableRun:
     # -- throughput -------------------------------------------------------------------------------
     def _protocol(self, img_size: int) -> measure.Protocol:
         if img_size not in self.protocols_used:
-            self.protocols_used[img_size] = measure.Protocol.for_device(self.protocol_spec, self.device, img_size)
+            protocol = measure.Protocol.for_device(self.protocol_spec, self.device, img_size)
+            # e.g. the GPU session's fewer passes (batch size and dtype stay the paper's)
+            self.protocols_used[img_size] = replace(protocol, **self.protocol_overrides)
         return self.protocols_used[img_size]
 
     def _throughput_pairs(self, targets) -> list[tuple[Target, Target]]:
@@ -433,6 +439,8 @@ class TableRun:
     def cell(self, ref) -> dict | None:
         if ref.reported in NOT_REPORTED:
             return None  # the paper prints a dash: nothing to reproduce
+        if self.rows is not None and ref.row not in self.rows:
+            return None  # not asked for this time: keep what the previous results said
         row, column = self.spec.rows[ref.row], self.spec.columns[ref.column]
         base = {"table": self.spec.id, "row": row.id, "model": self.target(row, column).model or "",
                 "column": column.id, "reported": ref.reported, "unit": ref.unit or column.unit,
@@ -574,6 +582,8 @@ class TableRun:
             meta["paper protocol"] = self.protocol_spec.get("summary", self.protocol_spec.get("name"))
             for size, proto in sorted(self.protocols_used.items()):
                 meta[f"protocol run here @{size}"] = proto.describe() + ", interleaved with the baseline of each gain"
+            if self.protocol_overrides:
+                meta["protocol overridden"] = ", ".join(f"{k}={v}" for k, v in self.protocol_overrides.items())
         return meta
 
 
@@ -600,11 +610,12 @@ def results_paths(table_id: str, device: str, results_dir: Path | None = None) -
 
 def run_table(spec: TableSpec, device: str = "cpu", kinds: set[str] | None = None,
               results_dir: Path | None = None, cache: MeasurementCache | None = None,
-              show_progress: bool = True) -> tuple[pd.DataFrame, Path, Path]:
-    """Measure `spec`, merge with earlier results for the kinds not measured now, write CSV + MD."""
+              show_progress: bool = True, rows: set[str] | None = None,
+              protocol_overrides: dict | None = None) -> tuple[pd.DataFrame, Path, Path]:
+    """Measure `spec`, merge with earlier results for the kinds (rows) not measured now, write CSV + MD."""
     csv_path, md_path = results_paths(spec.id, device, results_dir)
-    run = TableRun(spec, device, kinds, cache, show_progress)
-    frame = write_results(spec, run.run(), csv_path, run.meta(), merge=kinds is not None)
+    run = TableRun(spec, device, kinds, cache, show_progress, rows, protocol_overrides)
+    frame = write_results(spec, run.run(), csv_path, run.meta(), merge=kinds is not None or rows is not None)
     return frame, csv_path, md_path
 
 

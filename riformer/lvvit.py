@@ -7,21 +7,29 @@ whether the token-labeling head takes part in inference:
   by lightweight stacked convolutions inspired by LeViT"). The stem is a stack of 3x3 stride-2
   conv+BN layers (4 of them; 6 for L, two of which keep the resolution), mlp ratio 3, SiT Table 2a
   depths/widths/heads; `lvvit_l` is built at 288. Their token-labeling `aux_head` is kept (official
-  checkpoints have it, printed sizes count it) but unused: logits come from the class token only,
-  as in the official SiT code (which also sets requires_grad=False on it; left to the trainer here).
+  checkpoints have it, printed sizes count it) but not used for inference: logits come from the
+  class token only, as in the official SiT code.
 * `lvvit_s_tl/m_tl/l_tl`: the original LV-ViT-S/M/L of the token-labeling paper (cited by SiT Table 3
   and RePaFormer): a 7x7 conv + two 3x3 convs at 1/2 resolution, then an 8x8 stride-8 projection.
   At inference the logits are `head(cls) + 0.5 * max over patches of aux_head(patch)`, as there.
 
 Every transformer block is pre-norm with residual branches divided by `skip_lam` (LV-ViT's
-"re-scaling" of residual connections), and no bias on the qkv projection.
+"re-scaling" of residual connections), and no bias on the qkv projection. The same class, with
+`stem="patch16", qkv_bias=True, norm_eps=1e-6, skip_lam=1, mlp_ratio=4, aux_head=False`, is timm's
+DeiT (same weight names), the body of SiT on DeiT-S (SiT Table 1, `riformer.sit`).
+
+Who trains the aux head: the token-labeling loss, through `forward_dense` (a plain classification
+forward never reaches it, as in the official code, whose training forward returns it for the
+token-labeling loss only). SiT students inherit it from their teacher and freeze it, as the official
+SiT code does (`requires_grad = False`; see `riformer.sit`).
 
 Parameter counts (all parameters, aux head included, see `tests/test_models_sit.py`): the original
 LV-ViT-S/M at 224 give 26.2M/55.8M and LV-ViT-L at 288 gives 150.1M (SiT Table 3); the SiT teachers
 are a different, smaller model (README of Sense-X/SiT: 15.7M/25.4M/55.2M/147M).
 
-Outputs: `forward(x)` returns logits (B, num_classes) in both modes. `forward_dense(x)` returns
-(class logits, per-patch aux logits (B, N, num_classes)) for token-labeling training, and
+Outputs: `forward(x)` returns logits (B, num_classes) in both modes. `forward_dense(x, mix_box)`
+returns (class logits, per-patch aux logits (B, N, num_classes)) for token-labeling training, with
+MixToken inside `mix_box` (see `mix_tokens`), and
 `forward_block_tokens(x)` returns (logits, [patch tokens after each block]) — what a SiT student
 distils from in feature recalibration distillation (FRD).
 """
@@ -40,10 +48,10 @@ __all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "chec
 class Attention(nn.Module):
     """Multi-head self-attention (no qkv bias, as LV-ViT) computed with SDPA."""
 
-    def __init__(self, dim, num_heads, attn_drop=0., proj_drop=0.):
+    def __init__(self, dim, num_heads, attn_drop=0., proj_drop=0., qkv_bias=False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -58,13 +66,14 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; each residual branch is divided by `skip_lam`."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=3., skip_lam=1., drop=0., attn_drop=0., drop_path=0.):
+    def __init__(self, dim, num_heads, mlp_ratio=3., skip_lam=1., drop=0., attn_drop=0., drop_path=0.,
+                 qkv_bias=False, norm_eps=1e-5):
         super().__init__()
         self.skip_lam = skip_lam
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x):
@@ -121,7 +130,20 @@ class TokenLabelingStem(nn.Module):
         return self.proj(x)
 
 
+class PatchStem(nn.Module):
+    """ViT/DeiT's patch embedding: one 16x16 stride-16 convolution (timm's `patch_embed.proj`)."""
+
+    def __init__(self, embed_dim, in_chans=3, patch_size=16):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def make_stem(stem, embed_dim, in_chans, stem_width=64):
+    if stem == "patch16":
+        return PatchStem(embed_dim, in_chans)
     if stem == "conv4":
         return ConvStem(embed_dim, ConvStem.FOUR, in_chans)
     if stem == "conv6":
@@ -134,7 +156,8 @@ def make_stem(stem, embed_dim, in_chans, stem_width=64):
 class LVViT(nn.Module):
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=384, depth=16, num_heads=6,
                  mlp_ratio=3., skip_lam=2., stem="conv4", stem_width=64, aux_head_in_eval=False,
-                 drop_rate=0., attn_drop_rate=0., drop_path_rate=0., **kwargs):
+                 drop_rate=0., attn_drop_rate=0., drop_path_rate=0., qkv_bias=False, norm_eps=1e-5,
+                 aux_head=True, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -150,11 +173,12 @@ class LVViT(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, skip_lam, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim)
+            Block(embed_dim, num_heads, mlp_ratio, skip_lam, drop_rate, attn_drop_rate, dpr[i], qkv_bias, norm_eps)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        # Token-labeling head: one prediction per patch token (Jiang et al. 2021).
-        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Token-labeling head: one prediction per patch token (Jiang et al. 2021); none for a DeiT body.
+        self.aux_head = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if aux_head else None
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
@@ -170,10 +194,15 @@ class LVViT(nn.Module):
     def reset_classifier(self, num_classes, global_pool=None):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.aux_head is not None:
+            self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def embed(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+    def embed(self, x, mix_box=None):
+        """Patch tokens (MixToken-mixed inside `mix_box`, see `mix_tokens`), class token, positions."""
+        x = self.patch_embed(x)
+        if mix_box is not None:
+            x = mix_tokens(x, mix_box, dims=(2, 3))
+        x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
@@ -194,10 +223,20 @@ class LVViT(nn.Module):
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
-    def forward_dense(self, x):
-        """(class-token logits, per-patch token-labeling logits (B, N, classes))."""
-        x = self.forward_features(x)
-        return self.head(x[:, 0]), self.aux_head(x[:, 1:])
+    def forward_dense(self, x, mix_box=None):
+        """(class-token logits, per-patch token-labeling logits (B, N, classes)): token labeling.
+
+        With `mix_box` (MixToken, Jiang et al. 2021 Sec. 3.2): the patch tokens inside the box come
+        from the batch-flipped images, and the patch logits inside it are swapped back afterwards, so
+        patch logit j of image b is always the prediction for image b's own patch j."""
+        x = self.embed(x, mix_box)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        dense = self.aux_head(x[:, 1:])
+        if mix_box is not None:
+            dense = mix_tokens(dense.reshape(dense.shape[0], *self.grid_size, -1), mix_box, dims=(1, 2)).flatten(1, 2)
+        return self.head(x[:, 0]), dense
 
     def forward_block_tokens(self, x):
         """(logits, list of the patch tokens (B, N, C) output by each block): the FRD targets."""
@@ -209,10 +248,21 @@ class LVViT(nn.Module):
         return self.forward_head(self.norm(x)), block_tokens
 
 
+def mix_tokens(x, box, dims):
+    """MixToken: inside `box` = (row0, col0, row1, col1) of the token grid (tensor dims `dims`),
+    take every image's tokens from the batch-flipped image (b <- B-1-b); applying it twice undoes it."""
+    (r0, c0, r1, c1), (dim_r, dim_c) = box, dims
+    index = [slice(None)] * x.ndim
+    index[dim_r], index[dim_c] = slice(r0, r1), slice(c0, c1)
+    mixed = x.clone()
+    mixed[tuple(index)] = x.flip(0)[tuple(index)]
+    return mixed
+
+
 def rename_stem_key(key):
     """patch_embed.conv{i}/bn{i} of the official code -> patch_embed.convs.{i-1}.conv/bn."""
     parts = key.split(".")
-    if parts[0] != "patch_embed" or len(parts) < 3 or parts[1] == "proj":
+    if parts[0] != "patch_embed" or len(parts) < 3 or parts[1] in ("proj", "convs"):  # convs: ours already
         return key
     layer = parts[1]
     kind = "conv" if layer.startswith("conv") else "bn"

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
@@ -112,7 +112,8 @@ class SwinMixer(nn.Module):
                                       norm_layer=norm_layer, output_fmt="NHWC")
         grid = self.patch_embed.grid_size
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # linear over blocks
+        # linear over blocks, split by stage (timm's calculate_drop_path_rates, absent before timm 1.0.16)
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages = []
         for i, depth in enumerate(depths):
             resolution = (grid[0] // 2 ** i, grid[1] // 2 ** i)

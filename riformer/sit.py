@@ -16,7 +16,12 @@ inserted three times, at the stage boundaries of SiT Table 2a (`stage_depths`, e
   that block's N_hat tokens back to N tokens (token MLP N_hat -> 4N -> N, then a residual channel
   MLP) so they can be compared with the teacher's tokens in feature recalibration distillation.
   `switch_to_deploy()` (called by `riformer.deploy.deploy`) deletes it; `training_only_params`
-  counts it.
+  counts it. Table 8's alternatives (`recalibration=`): `token_mlp` (Eq. 4 without Eq. 5's MLP),
+  `interpolation` and `deconvolution` (the slimmed tokens laid out on a grid and upsampled, see
+  `ContiguousUpsampling`); `recalibration=False` builds none (students trained without L_token).
+* The teacher's token-labeling `aux_head` is carried (official checkpoints and printed sizes have
+  it) and frozen (`requires_grad=False`), as the official SiT code does: no SiT loss reaches it.
+* `sit_deit_s`: SiT on timm's DeiT-S body (SiT Table 1), TSMs after blocks 3/6/9 (our reading).
 
 Forward contract (timm's, as for timm's distilled DeiT with `distilled_training` off):
 * `forward(x) == forward_head(forward_features(x))`: logits (B, classes) in training and eval mode
@@ -33,6 +38,7 @@ Forward contract (timm's, as for timm's distilled DeiT with `distilled_training`
 Parameter counts (aux token-labeling head included, RTSM excluded) reproduce SiT Table 2a and
 Table 3 (15.9/25.6/25.6/55.6/148.2M and 16.2/26.0/26.0/56.2M for the ‡ rows).
 """
+import math
 from typing import List, NamedTuple
 
 import torch
@@ -40,13 +46,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from riformer._builder import init_vit_weights, load_local_checkpoint, register_family_model, unwrap_state_dict
+from riformer._builder import (imagenet_cfg, init_vit_weights, load_local_checkpoint, register_family_model,
+                               unwrap_state_dict)
 from riformer.lvvit import SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
            "checkpoint_filter_fn"]
 
 SLIMMINGS = ("tsm", "avgpool", "conv", "token_mlp")
+RECALIBRATIONS = ("rtsm", "token_mlp", "interpolation", "deconvolution")  # SiT Table 8
 
 
 class SiTTrainOutput(NamedTuple):
@@ -114,26 +122,70 @@ class StridedSlimming(nn.Module):
 
 
 class ReverseTokenSlimming(nn.Module):
-    """RTSM: recover `num_out` tokens from `num_in` slimmed ones (SiT Eq. 4-5), training only."""
+    """RTSM: recover `num_out` tokens from `num_in` slimmed ones (SiT Eq. 4-5), training only.
 
-    def __init__(self, dim, num_in, num_out, ratio=4):
+    `channel_mlp=False` is Table 8's "Token-MLP" row: Eq. 4 alone, without Eq. 5's residual MLP."""
+
+    def __init__(self, dim, num_in, num_out, ratio=4, channel_mlp=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.token_mlp = Mlp(num_in, ratio * num_out, num_out, act_layer=nn.GELU)  # A_2 GELU(A_1 X_hat)
-        self.norm2 = nn.LayerNorm(dim)
-        self.channel_mlp = Mlp(dim, ratio * dim, dim, act_layer=nn.GELU)
+        self.norm2 = nn.LayerNorm(dim) if channel_mlp else None
+        self.channel_mlp = Mlp(dim, ratio * dim, dim, act_layer=nn.GELU) if channel_mlp else None
 
     def forward(self, x):
         x = self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.channel_mlp(self.norm2(x))
+        return x if self.channel_mlp is None else x + self.channel_mlp(self.norm2(x))
+
+
+def token_grid(num_tokens):
+    """(rows, cols) of the most square grid holding exactly `num_tokens` tokens (98 -> 7x14, 24 -> 4x6):
+    how Table 8's contiguous upsamplings lay out a slimmed (unstructured) token set."""
+    rows = math.isqrt(num_tokens)
+    while num_tokens % rows:
+        rows -= 1
+    return rows, num_tokens // rows
+
+
+class ContiguousUpsampling(nn.Module):
+    """Table 8's "Interpolation" / "Deconvolution" recalibrations (training only).
+
+    The slimmed tokens, in order, fill a `token_grid(num_in)` grid that is upsampled to the patch
+    grid: bilinearly, or by a learned transposed convolution (kernel = stride = the per-axis factor,
+    rounded up) followed by a bilinear resize where that overshoots (e.g. 4x6 -> 16x18 -> 14x14)."""
+
+    def __init__(self, kind, dim, num_in, grid):
+        super().__init__()
+        self.kind, self.grid_in, self.grid_out = kind, token_grid(num_in), tuple(grid)
+        self.deconv = None
+        if kind == "deconvolution":
+            stride = tuple(math.ceil(o / i) for o, i in zip(self.grid_out, self.grid_in))
+            self.deconv = nn.ConvTranspose2d(dim, dim, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, *self.grid_in)
+        if self.deconv is not None:
+            x = self.deconv(x)
+        if tuple(x.shape[-2:]) != self.grid_out:
+            x = F.interpolate(x, size=self.grid_out, mode="bilinear", align_corners=False)
+        return x.flatten(2).transpose(1, 2)
 
 
 class SiT(LVViT):
+    # Weights a SiT student has and its LV-ViT teacher has not: new when a student starts from its
+    # teacher (SiT Sec. 4.1); every other tensor is the teacher's.
+    student_only_prefixes = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
+
     def __init__(self, stage_depths=(1, 1, 1, 11), keep_ratio=0.5, slimming="tsm", strided_layout="grid",
                  distilled=False, recalibration=True, **kwargs):
         super().__init__(**kwargs)
         if slimming not in SLIMMINGS:
             raise ValueError(f"slimming must be one of {SLIMMINGS}, got {slimming!r}")
+        recalibration = "rtsm" if recalibration is True else recalibration or None
+        if recalibration is not None and recalibration not in RECALIBRATIONS:
+            raise ValueError(f"recalibration must be one of {RECALIBRATIONS} or false, got {recalibration!r}")
+        self.recalibration = recalibration
         if strided_layout not in ("grid", "sequence"):
             raise ValueError(f"strided_layout must be 'grid' or 'sequence', got {strided_layout!r}")
         if sum(stage_depths) != len(self.blocks):
@@ -169,15 +221,26 @@ class SiT(LVViT):
             trunc_normal_(self.dist_token, std=.02)
             trunc_normal_(self.dist_pos_embed, std=.02)
 
-        # One RTSM per block whose output is slimmed (from the first slimming on).
+        # One RTSM (or Table 8 alternative) per block whose output is slimmed (from the first slimming on).
         self.rtsm = None
         if recalibration:
             self.rtsm = nn.ModuleList([
-                ReverseTokenSlimming(dim, num_in, self.num_patches) if num_in < self.num_patches else nn.Identity()
+                self._recalibrator(recalibration, num_in) if num_in < self.num_patches else nn.Identity()
                 for num_in in self.block_output_tokens()])
         for module in [self.tsm, self.rtsm, getattr(self, "head_dist", None)]:
             if module is not None:
                 module.apply(init_vit_weights)
+        self._freeze_aux_head()
+
+    def _recalibrator(self, kind, num_in):
+        if kind in ("rtsm", "token_mlp"):
+            return ReverseTokenSlimming(self.embed_dim, num_in, self.num_patches, channel_mlp=kind == "rtsm")
+        return ContiguousUpsampling(kind, self.embed_dim, num_in, self.grid_size)
+
+    def _freeze_aux_head(self):
+        """The teacher's token-labeling head rides along untrained, as in the official SiT code."""
+        if self.aux_head is not None:
+            self.aux_head.requires_grad_(False)
 
     def block_output_tokens(self):
         """Patch tokens leaving each block (after the slimming that follows it, if any)."""
@@ -194,6 +257,7 @@ class SiT(LVViT):
 
     def reset_classifier(self, num_classes, global_pool=None):
         super().reset_classifier(num_classes)
+        self._freeze_aux_head()
         if self.num_prefix_tokens == 2:
             self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -293,11 +357,26 @@ def _load_teacher_or_student(model, checkpoint_path, filter_fn):
     """A student checkpoint, or a teacher one (how SiT initialises students), which lacks only the
     student-only modules."""
     result = load_local_checkpoint(model, checkpoint_path, filter_fn, strict=False)
-    student_only = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
+    student_only = SiT.student_only_prefixes
     misfits = [k for k in result.missing_keys if not k.startswith(student_only)] + result.unexpected_keys
     if misfits:
         raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: {misfits[:10]}")
+    missing_tsm = [k for k in result.missing_keys if k.startswith("tsm.")]
+    has_student_keys = len(result.missing_keys) < sum(k.startswith(student_only) for k in model.state_dict())  # all missing are student-only here
+    if missing_tsm and has_student_keys:  # a student checkpoint (it has student-only weights) without its TSMs
+        raise RuntimeError(f"{checkpoint_path} is a SiT student checkpoint without TSM weights "
+                           f"({missing_tsm[0]}, ...): it does not fit {type(model).__name__}'s slimming")
 
+
+# SiT on DeiT-S (SiT Table 1 / Fig. 5a): timm's deit_small_patch16_224 body with three TSMs. The paper
+# gives neither the TSM locations nor the keep ratios; ours: after blocks 3, 6 and 9 (DynamicViT's
+# locations, the method Table 1 compares with) and keep ratio 0.5 (SiT's default; Table 1's second
+# SiT row takes 0.7, DynamicViT's ratio, through model kwargs).
+DEIT_S = dict(stem="patch16", embed_dim=384, depth=12, num_heads=6, mlp_ratio=4., skip_lam=1., qkv_bias=True,
+              norm_eps=1e-6, aux_head=False)
+register_family_model(__name__, "sit_deit_s", f"SiT on DeiT-S: {DEIT_S}", SiT,
+                      lambda kwargs: imagenet_cfg("patch_embed.proj", img_size=kwargs.get("img_size", 224)),
+                      checkpoint_filter_fn, _load_teacher_or_student, **DEIT_S, stage_depths=(3, 3, 3, 3))
 
 for _size, (_teacher, _stages) in SIT_CONFIGS.items():
     _config = {**SIT_TEACHERS[_teacher], "stage_depths": _stages}

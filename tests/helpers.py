@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (a plain module: `from helpers import ...`).
 
 * `one_thread`: an autouse fixture once imported into a test module; runs each test on one thread.
+* `kill_at_step`: a training run killed at a given step (resume tests).
 * RePaFormer folds: `randomize_`, `max_relative_error`, `ffn_outputs`, `assert_fold_is_exact`.
 * Reference CSVs and table specs: `ROOT`, `HEADER`, `UNITS`, `FLAGS`, `read_reference`, `read_spec`,
   `first_seen`.
@@ -19,6 +20,21 @@ import yaml
 import riformer  # noqa: F401  (before timm: torchvision shim)
 from riformer import repa
 from riformer.deploy import deploy
+
+
+def kill_at_step(engine, monkeypatch, step: int):
+    """Make the engine's `step`-th training step raise KeyboardInterrupt (a killed run); returns the real
+    training_step, to put back before resuming."""
+    real, calls = engine.training_step, {"n": 0}
+
+    def dies(run, images, targets):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return real(run, images, targets)
+
+    monkeypatch.setattr(engine, "training_step", dies)
+    return real
 
 
 @pytest.fixture(autouse=True)

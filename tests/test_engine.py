@@ -12,7 +12,7 @@ from reproduce.engine import EngineError, checkpoint
 from reproduce.engine import train as engine
 from reproduce.engine.recipe import RecipeError, load_recipe
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+from helpers import kill_at_step, one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "riformer" / "base.yaml"
@@ -105,15 +105,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, generated, monkeypatch
     recipe = load_recipe(write_recipe(tmp_path, fields), scale="smoke")
     engine.train(recipe, data=generated, output=tmp_path / "straight")
 
-    real_step, calls = engine.training_step, {"n": 0}
-
-    def dies_in_epoch_two(run, images, targets):
-        calls["n"] += 1
-        if calls["n"] == 4:  # second step of the second epoch
-            raise KeyboardInterrupt("killed")
-        return real_step(run, images, targets)
-
-    monkeypatch.setattr(engine, "training_step", dies_in_epoch_two)
+    real_step = kill_at_step(engine, monkeypatch, 4)  # second step of the second epoch
     with pytest.raises(KeyboardInterrupt):
         engine.train(recipe, data=generated, output=tmp_path / "killed")
     monkeypatch.setattr(engine, "training_step", real_step)

@@ -133,3 +133,71 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(figures.figure_command, ["repaformer-3", "--models", "no_such_model",
                                                          "--results-dir", str(tmp_path), "--quiet"])
     assert result.exit_code == 2 and "no_such_model" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-accuracy figures defined as data (recipes/figures/*.yaml)
+
+
+def _figure_yaml(tmp_path, monkeypatch, text: str) -> str:
+    folder = tmp_path / "figures"
+    folder.mkdir(exist_ok=True)
+    (folder / "toy.yaml").write_text(text)
+    monkeypatch.setattr(figures, "FIGURES_DIR", folder)
+    return "toy"
+
+
+TOY = """
+id: toy
+title: toy speed-accuracy
+table: sit-3
+x: {column: throughput, label: throughput, scale: log}
+y: {column: top1, label: top-1}
+lines: true
+panels:
+  - series:
+      - {label: DeiT, color: "#3d6fa8", rows: [deit_t]}
+      - {label: LeViT, color: "#d9534f", rows: [levit_256]}
+"""
+
+
+def test_the_papers_figures_load_against_their_tables():
+    for figure_id in ("repaformer-2", "sit-6"):
+        figure = figures.load_figure(figure_id)
+        rows = [r for panel in figure["panels"] for s in panel["series"] for r in s["rows"]]
+        assert rows and all(r in figure["spec"].rows for r in rows)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("rows: [deit_t]", "names rows ['deit_tx']"),
+    ("column: throughput", "x.column 'speed' is not a column of sit-3"),
+])
+def test_a_wrong_figure_definition_names_the_field(bad, message, tmp_path, monkeypatch):
+    text = TOY.replace("rows: [deit_t]", "rows: [deit_tx]") if "rows" in bad else TOY.replace(
+        "x: {column: throughput", "x: {column: speed")
+    figure_id = _figure_yaml(tmp_path, monkeypatch, text)
+    with pytest.raises(figures.RegistryError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        figures.load_figure(figure_id)
+
+
+def test_points_say_whether_accuracy_was_measured_or_reported(tmp_path, monkeypatch):
+    """A full-scale result for LeViT-256 makes its point measured (filled); DeiT-T stays the paper's."""
+    from reproduce import runner
+
+    monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
+    result = tmp_path / "runs" / "sit-3" / "levit_256" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text('{"scale": "full", "top1": 79.5}')
+    figure = figures.load_figure(_figure_yaml(tmp_path, monkeypatch, TOY))
+    frame = figures.speed_accuracy(figure, "cpu", runner.MeasurementCache(tmp_path / "cache"),
+                                   runs=1, repeats=2, warmup=0)
+    points = frame.set_index("row")
+    assert points.loc["levit_256", "accuracy"] == 79.5 and points.loc["levit_256", "accuracy_source"] == "measured"
+    assert points.loc["deit_t", "accuracy"] == 74.5 and points.loc["deit_t", "accuracy_source"] == "reported"
+    for row in ("deit_t", "levit_256"):
+        assert points.loc[row, "throughput_source"] == "measured"
+        assert points.loc[row, "throughput_min"] <= points.loc[row, "throughput"] <= points.loc[row, "throughput_max"]
+    assert "repeats" in points.loc["deit_t", "protocol"] and points.loc["deit_t", "device"]
+    csv_path, png_path = figures.write_figure("toy", frame, figures.plot_speed_accuracy(frame, figure), "cpu", tmp_path)
+    assert png_path.read_bytes()[:4] == b"\x89PNG" and pd.read_csv(csv_path)["accuracy_source"].tolist() == \
+        frame["accuracy_source"].tolist()

@@ -9,7 +9,7 @@ from reproduce import registry
 
 def test_every_registered_table_loads_with_its_reference():
     ids = registry.table_ids()
-    assert len(ids) == 25 and ids[0] == "riformer-1" and ids[-1] == "sit-10"
+    assert len(ids) == 26 and ids[0] == "riformer-1" and ids[-1] == "sit-10"
     for table_id in ids:
         spec = registry.load_table(table_id)
         assert set(spec.reference["row"]) <= set(spec.rows)
@@ -88,7 +88,8 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     from reproduce.engine.cli import cell_run
 
     spec = scratch_sit5(scratch={"recipes": {"self": "sit/table5/scratch_self.yaml",
-                                             "cait": "sit/table5/scratch_cait.yaml"}})
+                                             "cait": "sit/table5/scratch_cait.yaml"}},
+                        fine_tuning={"recipes": {}, "recipe": None})
     assert spec.recipe_of("scratch", "self") == "sit/table5/scratch_self.yaml"
     assert spec.recipe_of("scratch", "regnet") is None  # no recipe of its own, and no row recipe
     assert [spec.run_name("scratch", c) for c in ("self", "cait")] == ["scratch--self", "scratch--cait"]
@@ -111,7 +112,7 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     frame = run.run().set_index(["row", "column"])
     assert frame.loc[("scratch", "self"), "measured"] == "79.500"
     assert frame.loc[("scratch", "cait"), "status"] == "pending"
-    assert "--output runs/sit-5/scratch--cait`" in frame.loc[("scratch", "cait"), "note"]  # its own folder
+    assert "reproduce train sit-5 scratch --column cait " in frame.loc[("scratch", "cait"), "note"]  # its own run
 
 
 def test_a_recipe_for_a_column_that_is_not_an_accuracy_column_is_refused(scratch_sit5):

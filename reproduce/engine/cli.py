@@ -29,6 +29,8 @@ def cell_run(table: str, row: str, column: str | None, recipe_option: str | None
     try:
         spec = load_table(table)
     except RegistryError as err:
+        if recipe_option:  # an explicit --recipe outside the registry: TABLE ROW only name the run folder
+            return Path(recipe_option), row, column
         raise EngineError(str(err)) from None
     if row not in spec.rows:
         raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(spec.rows)})")

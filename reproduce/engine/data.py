@@ -86,7 +86,7 @@ def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_
         transform = create_transform(
             img_size, is_training=True, no_aug=data_cfg.get("no_aug", False), auto_augment=data_cfg.get("auto_augment"),
             color_jitter=data_cfg.get("color_jitter", 0.4), re_prob=data_cfg.get("re_prob", 0.0),
-            interpolation=data_cfg.get("interpolation", "bicubic"))
+            interpolation=data_cfg.get("train_interpolation", data_cfg.get("interpolation", "bicubic")))
     else:
         # the papers' eval transform: resize to img_size / crop_pct, centre crop img_size
         transform = create_transform(img_size, is_training=False, crop_pct=crop_pct,

@@ -63,20 +63,32 @@ def build_teacher(cfg: dict, num_classes: int, what: str, scale: str) -> nn.Modu
     return teacher.eval()
 
 
-def init_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
-    """Copy every teacher weight into the student except the token mixers (Sec. 4.4, guideline 5).
+def init_from_teacher(student: nn.Module, teacher: nn.Module, teacher_name: str | None = None) -> int:
+    """Copy every teacher weight into the student except the student's own new modules: the token
+    mixers of a RIFormer (Sec. 4.4, guideline 5), or what a model lists in `student_only_prefixes`
+    (SiT's TSM, RTSM and distillation token/head, SiT Sec. 4.1).
 
-    Student and teacher are isomorphic MetaFormers (RIFormer from PoolFormer), so the keys agree
-    outside `token_mixer`; anything else missing is a wrong teacher. Returns the tensors copied."""
+    Student and teacher are isomorphic (RIFormer from PoolFormer, SiT from its LV-ViT), so every other
+    key must be the teacher's, with its shape; anything else is a wrong teacher. Returns the tensors copied."""
     own, theirs = student.state_dict(), teacher.state_dict()
-    keep = {k: v for k, v in own.items() if ".token_mixer." in k}
+    prefixes = getattr(student, "student_only_prefixes", None)
+    keep = {k: v for k, v in own.items() if (k.startswith(prefixes) if prefixes else ".token_mixer." in k)}
+    name = teacher_name or type(teacher).__name__
     for key in own:
         if key in keep:
             continue
-        if key not in theirs or theirs[key].shape != own[key].shape:
-            raise EngineError(f"cannot initialize the student from teacher {type(teacher).__name__}: "
-                              f"no matching weight for {key}")
+        if key not in theirs:
+            raise EngineError(f"cannot initialize the student {type(student).__name__} from teacher {name}: "
+                              f"the teacher has no {key} (is it the student's own architecture?)")
+        if theirs[key].shape != own[key].shape:
+            raise EngineError(f"cannot initialize the student {type(student).__name__} from teacher {name}: "
+                              f"{key} is {tuple(theirs[key].shape)} in the teacher, {tuple(own[key].shape)} in "
+                              "the student (a teacher of another width or size?)")
         own[key] = theirs[key]
+    extra = [k for k in theirs if k not in own] if prefixes else []
+    if extra:  # e.g. an LV-ViT deeper than the SiT student
+        raise EngineError(f"cannot initialize the student {type(student).__name__} from teacher {name}: the "
+                          f"student has no {extra[0]} ({len(extra)} teacher tensors unused): a teacher of another depth?")
     student.load_state_dict(own)
     return len(own) - len(keep)
 

@@ -21,6 +21,7 @@ class RecipeError(EngineError):
 # Every field a recipe may set, with its type(s); a nested dict is a section. `None` in a tuple
 # means the field may be null.
 _NUM = (int, float)
+_TEACHER = {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict}
 SCHEMA = {
     "description": str,
     "seed": int,
@@ -33,7 +34,8 @@ SCHEMA = {
         "num_classes": int,
         "token_mixer": str,                 # pooling | identity | affine | ...: checked against the model
         "kwargs": dict,
-        "init_from": (str, type(None)),     # null | imitation_teacher | a checkpoint path
+        "init_from": (str, type(None)),     # null | imitation_teacher | teacher (SiT) | a checkpoint path
+        "init_teacher": _TEACHER,           # SiT: the LV-ViT init_from: teacher copies, if not frd.teacher
     },
     "data": {
         "dataset": str,                     # timm dataset name; "" = ImageFolder / tar layout
@@ -42,6 +44,7 @@ SCHEMA = {
         "img_size": int,
         "crop_pct": _NUM,
         "interpolation": str,
+        "train_interpolation": str,         # default: interpolation (token labeling: random)
         "auto_augment": (str, type(None)),
         "color_jitter": _NUM,
         "re_prob": _NUM,
@@ -62,6 +65,7 @@ SCHEMA = {
         "eps": _NUM,
         "betas": list,
         "clip_grad": (_NUM, type(None)),
+        "recalibration_lr_base": (_NUM, type(None)),  # SiT: lr of the recalibration branch (RTSM), scaled like lr_base
     },
     "schedule": {
         "name": str,
@@ -76,7 +80,7 @@ SCHEMA = {
         "use_label": bool,                  # keep the ground-truth loss beside the teacher's
         "alpha": _NUM,                      # teacher weight when use_label: (1-a) CE + a KD
         "tau": _NUM,
-        "teacher": {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict},
+        "teacher": _TEACHER,
     },
     "imitation": {                          # module imitation (Eq. 5-9; Tables 4, 5, 7, 9)
         "enabled": bool,
@@ -86,16 +90,39 @@ SCHEMA = {
         "lambda_times_batch": {"in_norm": _NUM, "in": _NUM, "out": _NUM, "rel": _NUM},
         "epochs": {"feat": int, "rel": int},  # L'_in and L_out stop after `feat`, L_rel after `rel`
     },
+    "frd": {                                # SiT feature recalibration distillation (engine/frd.py)
+        "enabled": bool,
+        "teacher": _TEACHER,                # the LV-ViT the student slims (L_token, L_logits)
+        "cnn_teacher": _TEACHER,            # the extra CNN teacher of L_hard
+        "lambda_token": _NUM,
+        "lambda_logits": _NUM,
+        "lambda_hard": _NUM,
+        "tau": _NUM,
+        "teacher_blocks": str,              # same (the student's own LV-ViT) | uniform (Table 5's others)
+    },
+    "token_labeling": {                     # LV-ViT training (engine/token_labeling.py)
+        "enabled": bool,
+        "label_root": (str, type(None)),    # <root>/<class>/<image stem>.pt maps; null = generated (smoke)
+        "label_size": int,                  # token grid of the targets (14 at 224)
+        "cls_weight": _NUM,
+        "dense_weight": _NUM,
+        "mix_token": bool,
+        "generated_size": int,              # map size of generated maps (smoke runs)
+    },
 }
 CHOICES = {"amp": {"bf16", "fp16", "off"}, "distill.type": {"none", "soft", "hard"},
-           "imitation.scheme": {"none", "feature_distillation", "module_imitation"}}
+           "imitation.scheme": {"none", "feature_distillation", "module_imitation"},
+           "frd.teacher_blocks": {"same", "uniform"}}
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced."""
+    """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced. A dict with
+    `_replace: true` replaces instead of merging (e.g. another teacher's kwargs in a smoke section)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.get("_replace"):
+            out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "_replace"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -166,6 +193,26 @@ def _check_imitation_scheme(recipe: dict, path: Path) -> None:
                           "lambda_times_batch say otherwise")
 
 
+def _check_objectives(recipe: dict, path: Path) -> None:
+    """SiT's objectives replace the logit-distillation and mixup paths they cannot share."""
+    frd, labeling = recipe.get("frd", {}).get("enabled"), recipe.get("token_labeling", {}).get("enabled")
+    if frd and labeling:
+        raise RecipeError(f"{path}: field `token_labeling.enabled`: token labeling trains LV-ViT teachers, "
+                          "FRD trains SiT students; a recipe does one of them")
+    if (frd or labeling) and recipe.get("distill", {}).get("type", "none") != "none":
+        raise RecipeError(f"{path}: field `distill.type` must be none with frd/token_labeling (FRD has its "
+                          "own logit and hard-label terms)")
+    data = recipe.get("data", {})
+    if labeling and (data.get("mixup", 0) or data.get("cutmix", 0)):
+        raise RecipeError(f"{path}: field `data.mixup`/`data.cutmix` must be 0 with token labeling (the "
+                          "token-labeling recipe mixes with MixToken instead)")
+    if recipe.get("optimizer", {}).get("recalibration_lr_base") is not None and not frd:
+        raise RecipeError(f"{path}: field `optimizer.recalibration_lr_base` needs frd.enabled (it is the lr of "
+                          "SiT's recalibration branch)")
+    if recipe.get("model", {}).get("init_from") == "teacher" and not frd:
+        raise RecipeError(f"{path}: field `model.init_from` is teacher but frd is not enabled")
+
+
 def load_recipe(path, scale: str = "full") -> dict:
     """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"`, validate.
 
@@ -181,6 +228,7 @@ def load_recipe(path, scale: str = "full") -> dict:
         recipe = merge(recipe, smoke)
     _validate(recipe, SCHEMA, "", path)
     _check_imitation_scheme(recipe, path)
+    _check_objectives(recipe, path)
     for field in REQUIRED:
         if get(recipe, field) is None:
             raise RecipeError(f"{path}: required field `{field}` is missing")

@@ -25,9 +25,9 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from reproduce.engine import EngineError, checkpoint, distributed
+from reproduce.engine import EngineError, checkpoint, distributed, frd, token_labeling
 from reproduce.engine.data import build_dataset, build_mixup, eval_loader, make_generated_dataset, train_loader
-from reproduce.engine.distill import ClassificationLoss, build_teacher, init_from_teacher, load_into
+from reproduce.engine.distill import ClassificationLoss, build_teacher, init_from_teacher, load_into, load_state
 from reproduce.engine.evaluate import autocast, check_classes, evaluate
 from reproduce.engine.imitation import ModuleImitation
 
@@ -80,6 +80,8 @@ def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     val_set = build_dataset(cfg_data, root, cfg_data.get("val_split", "validation"), False, img_size, crop_pct)
     for dataset in (train_set, val_set):
         check_classes(dataset, num_classes, root, f"recipe {recipe['path']} (model.num_classes)")
+    if recipe.get("token_labeling", {}).get("enabled"):  # LV-ViT teachers: the images with their label maps
+        train_set = token_labeling.build_dataset(recipe, train_set, output, ctx)
     workers = cfg_data.get("workers", 8)
     run.train_loader = train_loader(train_set, per_process, workers, ctx.rank, ctx.world, recipe.get("seed", 0),
                                     cfg_data.get("repeated_aug", False))
@@ -99,25 +101,37 @@ def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     run.imitation_teacher = None
     if imitate.get("enabled"):
         run.imitation_teacher = build_teacher(imitate["teacher"], num_classes, "imitation teacher", recipe["scale"])
+    run.objective = None  # SiT: FRD (students) or token labeling (LV-ViT teachers) replaces the logit loss
+    if recipe.get("frd", {}).get("enabled"):
+        run.objective = frd.build(recipe, model, num_classes)  # also init_from: teacher
+    elif recipe.get("token_labeling", {}).get("enabled"):
+        run.objective = token_labeling.TokenLabeling(recipe, model)
     init_from = recipe["model"].get("init_from")
     if init_from == "imitation_teacher":
         if run.imitation_teacher is None:
             raise EngineError(f"{recipe['path']}: model.init_from is imitation_teacher but imitation is off")
         init_from_teacher(model, run.imitation_teacher)
-    elif init_from:
+    elif init_from and init_from != "teacher":
+        if hasattr(model, "student_only_prefixes"):  # a SiT checkpoint must hold its TSMs
+            frd.check_student_checkpoint(model, load_state(init_from, "initial"), init_from)
         load_into(model, init_from, "initial")
     check_token_mixer(model, recipe["model"].get("token_mixer"), recipe["path"])
     model.to(ctx.device)
-    for teacher in (run.teacher, run.imitation_teacher):
+    for teacher in (run.teacher, run.imitation_teacher, run.objective):
         if teacher is not None:
             teacher.to(ctx.device)
     run.model = model
+    train_module = run.objective.train_module if run.objective is not None else model  # what DDP wraps
 
     # --- optimization: lr scaled with the global batch, cosine per step after a warmup
     opt = recipe["optimizer"]
     lr = opt["lr_base"] * recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
     extra = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items() if k in ("eps", "betas")}
-    run.optimizer = create_optimizer_v2(model, opt=opt["name"], lr=lr, weight_decay=opt.get("weight_decay", 0.0),
+    params = model
+    if opt.get("recalibration_lr_base") is not None:  # SiT Sec. 4.1: the recalibration branch's own lr
+        params = frd.param_groups(train_module, lr, lr * opt["recalibration_lr_base"] / opt["lr_base"],
+                                  opt.get("weight_decay", 0.0))
+    run.optimizer = create_optimizer_v2(params, opt=opt["name"], lr=lr, weight_decay=opt.get("weight_decay", 0.0),
                                         **extra)
     sched = recipe.get("schedule", {})
     run.scheduler, run.total_epochs = create_scheduler_v2(
@@ -132,8 +146,8 @@ def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     run.imitation = None
     if run.imitation_teacher is not None:
         run.imitation = ModuleImitation(model, run.imitation_teacher, imitate, recipe["batch_size"])
-    run.ddp = (DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-               if ctx.distributed else model)
+    run.ddp = (DistributedDataParallel(train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+               if ctx.distributed else train_module)
     return run
 
 
@@ -147,6 +161,7 @@ def save_checkpoint(run) -> None:
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
         "ema": run.ema.state_dict() if run.ema else None,
+        "objective": run.objective.state_dict() if hasattr(run.objective, "state_dict") else None,
     }
     checkpoint.save_torch(state, run.output / "checkpoint.pt")
 
@@ -162,6 +177,8 @@ def restore_checkpoint(run) -> None:
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
+    if state.get("objective"):
+        run.objective.load_state_dict(state["objective"])
     run.epoch, run.step = state["epoch"], state["step"]
     checkpoint.set_rng_state(state["rng"][run.ctx.rank])
 
@@ -171,13 +188,16 @@ def training_step(run, images, targets) -> dict:
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
     with autocast(run.ctx.device, run.amp):
-        logits = run.ddp(images)
-        teacher_logits = None
-        if run.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = run.teacher(images)
-        loss = run.criterion(logits, targets, teacher_logits)
-        terms = {}
+        if run.objective is not None:  # SiT's FRD or token labeling (engine/frd.py, engine/token_labeling.py)
+            loss, terms = run.objective(run.ddp, images, targets)
+        else:
+            logits = run.ddp(images)
+            teacher_logits = None
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = run.teacher(images)
+            loss = run.criterion(logits, targets, teacher_logits)
+            terms = {}
         if run.imitation is not None:
             with torch.no_grad():
                 run.imitation_teacher(images)  # fills the teacher's hooked features
@@ -265,14 +285,16 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
     output.mkdir(parents=True, exist_ok=True)
     try:
         run = build(recipe, data, output, ctx)
+        teacher = run.teacher if run.teacher is not None else getattr(run.objective, "teacher", None)
+        if teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
+            # before the RNG is set: a loader's iterator draws from it, which would shift a resumed run
+            info["teacher_top1"] = evaluate(teacher, run.val_loader, ctx, run.amp)["top1"]
         if resume:
             restore_checkpoint(run)
             trim_log(run)
         else:
             seed_everything(recipe.get("seed", 0) + ctx.rank)  # augmentations differ across processes
         metrics = {"top1": float("nan"), "top5": float("nan")}
-        if run.teacher is not None:  # Table 5 prints the teacher's own accuracy beside the student's
-            info["teacher_top1"] = evaluate(run.teacher, run.val_loader, ctx, run.amp)["top1"]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=not ctx.is_main, transient=True) as progress:
             while run.epoch < run.total_epochs:
