@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REPRODUCE := $(VENV)/bin/reproduce
 
-.PHONY: setup all-tables test test-slow diff lint clean
+.PHONY: setup all-tables test test-slow dry-run diff lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -16,8 +16,12 @@ all-tables: setup  ## every registered table at this machine's scale (cached: a 
 test: setup  ## the test suite (slow and GPU tests are skipped with their reason)
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup  ## the slow tests, and the dry run of every recipe (CI's covers one per configuration)
 	$(PY) -m pytest -q --runslow -m slow
+	$(REPRODUCE) dry-run --all
+
+dry-run: setup  ## one recipe per distinct configuration at full size: models, teachers, optimizer, one step
+	$(REPRODUCE) dry-run --all --distinct
 
 diff: setup  ## committed results against the references, with params and MACs measured again
 	$(REPRODUCE) diff --all --remeasure

@@ -316,12 +316,13 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
 
 
 # Commands that live with their subsystem.
-from reproduce.engine.cli import eval_command, train_command  # noqa: E402
+from reproduce.engine.cli import dry_run_command, eval_command, train_command  # noqa: E402
 from reproduce.figures import figure_command  # noqa: E402
 from reproduce.plan import plan_command  # noqa: E402
 
 main.add_command(train_command, "train")
 main.add_command(eval_command, "eval")
+main.add_command(dry_run_command, "dry-run")
 main.add_command(figure_command, "figure")
 main.add_command(plan_command, "plan")
 

@@ -24,6 +24,17 @@ by timm's `build_model_with_cfg` (mlp.py, metaformer_v2.py) and the RePa variant
 `pretrained=True` (`refuse_pretrained`).
 
 `init_vit_weights` is the weight init our own model classes apply after construction.
+
+The timm contract
+-----------------
+Every entry point registers its default cfg with timm (`timm.models.get_pretrained_cfg(name)`;
+`register_family_model` and `register` put it in the family module's `default_cfgs`, which timm's
+`register_model` reads) and lists its model under the family's full module name
+(`timm.list_models(module="riformer.metaformer")`), never under timm's own module of the same last
+name. `finish_timm_model` ends every build of our own classes and of the RePa variants as timm's
+`build_model_with_cfg` ends its own: the cfg as a `PretrainedCfg` dict, the input traits, and the
+`features_only=True` wrapper (`FeatureGetterNet` over `forward_intermediates` unless the family says
+otherwise). docs/timm.md lists what the contract covers.
 """
 import sys
 from typing import Callable, Optional, Union
@@ -32,10 +43,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import _registry
 
 __all__ = ["TIMM_ONLY_KWARGS", "imagenet_cfg", "refuse_pretrained", "strip_timm_kwargs", "unwrap_state_dict",
-           "load_local_checkpoint", "build_model", "register", "register_family_model", "init_vit_weights"]
+           "load_local_checkpoint", "build_model", "register", "register_family_model", "init_vit_weights",
+           "register_timm_model", "finish_timm_model", "pop_feature_kwargs", "check_choice", "tokens_to_nchw",
+           "prune_after", "cfg_for_img_size"]
 
 TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _LOCAL_FILE_HINT = ("pass checkpoint_path=<local file> to the model function, "
@@ -44,15 +58,26 @@ _NO_LOCAL_FILE_HINT = ("build it with pretrained=False and train it, or load a c
                        "layout with timm.create_model(name, checkpoint_path=<local file>)")
 
 
+def check_choice(value: str, allowed, what: str) -> str:
+    """`value` if it is one of `allowed`, else a one-line ValueError naming `what` and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+    return value
+
+
 class LinearHead:
-    """timm's classifier interface for models whose head is one `nn.Linear` on `num_features`."""
+    """timm's classifier interface for models whose head is one `nn.Linear` on `head_hidden_size`
+    after a global pooling named by `global_pool` (one of the class's `global_pools`; '' = none)."""
+    global_pools = ("avg", "")
 
     def get_classifier(self):
         return self.head
 
     def reset_classifier(self, num_classes, global_pool=None):
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def imagenet_cfg(first_conv: str, classifier: str = "head", img_size: int = 224, **overrides) -> dict:
@@ -114,27 +139,106 @@ def build_model(model_fn: Callable[..., nn.Module], name: str, pretrained: bool,
     return model
 
 
-def register(module: str, name: str, build: Callable, doc: str) -> Callable:
-    """Register the entry point `build` with timm as `name` of the family module `module` (which
-    timm records), and make it that module's attribute `name`, as a `def name(...)` would be."""
+def register_timm_model(fn: Callable) -> Callable:
+    """timm's `register_model`, with the model listed under its full module name ("riformer.metaformer"):
+    timm keys modules by the last part of the name ("metaformer"), which would mix our models into
+    timm's own module of that name (`timm.list_models(module="metaformer")`)."""
+    register_model(fn)
+    name, short, full = fn.__name__, fn.__module__.split(".")[-1], fn.__module__
+    timm_module_models = _registry._module_to_models
+    timm_module_models[short].discard(name)
+    if not timm_module_models[short]:
+        del timm_module_models[short]
+    timm_module_models[full].add(name)
+    _registry._model_to_module[name] = full
+    return fn
+
+
+def register(module: str, name: str, build: Callable, doc: str, cfg: Optional[dict] = None) -> Callable:
+    """Register the entry point `build` with timm as `name` of the family module `module`, with `cfg`
+    as its default cfg, and make it that module's attribute `name`, as a `def name(...)` would be."""
     build.__name__, build.__qualname__, build.__module__, build.__doc__ = name, name, module, doc
-    setattr(sys.modules[module], name, build)
-    return register_model(build)
+    family = sys.modules[module]
+    setattr(family, name, build)
+    if cfg is not None:  # timm's register_model reads the family module's default_cfgs
+        family.__dict__.setdefault("default_cfgs", {}).update(generate_default_cfgs({name: cfg}))
+    return register_timm_model(build)
+
+
+def cfg_for_img_size(kwargs: dict, stride: Optional[int] = None) -> dict:
+    """`kwargs` for timm's `build_model_with_cfg` with the cfg of the size the model is built for: an
+    `img_size` in them goes into `pretrained_cfg_overlay` as `input_size` (and `pool_size`, the size over
+    `stride`), where timm would give every size the registered cfg."""
+    if "img_size" not in kwargs:
+        return kwargs
+    size = kwargs["img_size"]
+    size_cfg = {"input_size": (3, size, size)}
+    if stride:
+        size_cfg["pool_size"] = (size // stride, size // stride)
+    return {**kwargs, "pretrained_cfg_overlay": {**size_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}}
+
+
+FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls")
+
+
+def pop_feature_kwargs(kwargs: dict) -> dict:
+    """Remove (in place) and return timm's feature-extraction kwargs."""
+    return {key: kwargs.pop(key) for key in FEATURE_KWARGS if key in kwargs}
+
+
+def finish_timm_model(model: nn.Module, name: str, cfg: dict, feature_cfg: dict, features: dict) -> nn.Module:
+    """`model` (built, and loaded if asked) finished by timm's own `build_model_with_cfg` (which we hand
+    the model as its "class"): `cfg` as its pretrained cfg, input traits, and with `features` holding
+    `features_only=True` (and `out_indices`, `feature_cls`), the feature wrapper that `feature_cfg`
+    describes (by default `FeatureGetterNet` over the model's `forward_intermediates`, every entry of
+    its `feature_info`)."""
+    if features.get("features_only"):
+        feature_cfg = {"feature_cls": "getter", "out_indices": tuple(range(len(model.feature_info))), **feature_cfg}
+    return build_model_with_cfg(lambda **_: model, name, pretrained=False, pretrained_cfg=dict(cfg),
+                                feature_cfg=feature_cfg, **features)
+
+
+def prune_after(model: nn.Module, indices, prune_norm: bool, prune_head: bool, truncate: Callable[[int], None]):
+    """timm's `prune_intermediate_layers` for a model with a `feature_info`, a final `norm` and a head:
+    `truncate(last)` drops its layers after feature `last` (the last of `indices`); the norm goes too if
+    asked or if it no longer fits, the head if asked. Returns the absolute indices kept."""
+    from timm.models._features import feature_take_indices
+
+    take, last = feature_take_indices(len(model.feature_info), indices)
+    truncate(last)
+    if prune_norm or last < len(model.feature_info) - 1:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.reset_classifier(0, "")
+    return take
+
+
+def tokens_to_nchw(tokens: torch.Tensor, height, width) -> torch.Tensor:
+    """(B, H*W, C) patch tokens as a (B, C, H, W) map."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
 
 
 def register_family_model(module: str, name: str, doc: str, model_fn: Callable[..., nn.Module],
                           cfg: Union[dict, Callable[[dict], dict]], filter_fn: Callable = _unwrap_only,
-                          load: Callable = load_local_checkpoint, **defaults) -> Callable:
+                          load: Callable = load_local_checkpoint, feature_cfg: Optional[dict] = None,
+                          **defaults) -> Callable:
     """Register `name` with timm: an entry point `name(pretrained=False, checkpoint_path=None, **kwargs)`
-    returning `build_model(model_fn, ...)` on `{**defaults, **kwargs}`; `cfg` is the default cfg, or a
-    function of those kwargs (for models built for one `img_size`)."""
+    returning `build_model(model_fn, ...)` on `{**defaults, **kwargs}`, finished as a timm model
+    (`finish_timm_model`, with `feature_cfg` for `features_only=True`); `cfg` is the default cfg, or a
+    function of those kwargs (for models built for one `img_size`). The cfg of the defaults is the one
+    registered with timm."""
+
+    def cfg_of(kwargs):
+        return cfg(kwargs) if callable(cfg) else cfg
 
     def build(pretrained=False, checkpoint_path=None, **kwargs):
         kwargs = {**defaults, **kwargs}
-        return build_model(model_fn, name, pretrained, kwargs, cfg(kwargs) if callable(cfg) else cfg,
-                           checkpoint_path, filter_fn, load)
+        features = pop_feature_kwargs(kwargs)
+        model_cfg = {**cfg_of(kwargs), **(kwargs.get("pretrained_cfg_overlay") or {})}
+        model = build_model(model_fn, name, pretrained, kwargs, model_cfg, checkpoint_path, filter_fn, load)
+        return finish_timm_model(model, name, model_cfg, feature_cfg or {}, features)
 
-    return register(module, name, build, doc)
+    return register(module, name, build, doc, cfg_of(defaults))
 
 
 def init_vit_weights(module: nn.Module) -> None:

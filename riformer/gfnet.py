@@ -21,8 +21,10 @@ import re
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model, unwrap_state_dict)
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
@@ -81,19 +83,34 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*(
             Block(dim, grid_size, drop=drop, drop_path=rate, **block_kwargs) for rate in drop_path_rates))
 
-    def forward(self, x):
-        x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+    def embed(self, x):
+        """The strided conv (and position embedding): a (B, H, W, C) grid for the blocks."""
+        x = self.downsample(x).permute(0, 2, 3, 1)
         if self.pos_embed is not None:
             x = self.pos_drop(x + self.pos_embed)
-        return self.blocks(x).permute(0, 3, 1, 2)
+        return x
+
+    def forward(self, x):
+        return self.blocks(self.embed(x)).permute(0, 3, 1, 2)
 
 
 class GFNet(LinearHead, nn.Module):
+    """Features (`feature_info`, `forward_intermediates`): one per stage of a hierarchical model,
+    one per block of the isotropic one (as timm's ViTs), NCHW."""
+
     def __init__(self, embed_dims, depths, patch_size, img_size=224, mlp_ratio=4.0, layer_scale_init=None,
-                 in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0):
+                 in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, global_pool="avg"):
         super().__init__()
         self.num_classes = num_classes
-        self.num_features = embed_dims[-1]
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.isotropic = len(depths) == 1
+        if self.isotropic:
+            self.feature_info = [dict(num_chs=embed_dims[0], reduction=patch_size, module=f"stages.0.blocks.{j}")
+                                 for j in range(depths[0])]
+        else:
+            self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                                 for i, dim in enumerate(embed_dims)]
         assert img_size % (patch_size * 2 ** (len(depths) - 1)) == 0, \
             f"img_size {img_size} must be a multiple of the total stride"
         grid = img_size // patch_size
@@ -121,8 +138,43 @@ class GFNet(LinearHead, nn.Module):
         return x
 
     def forward_head(self, x, pre_logits=False):
-        x = self.norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))  # norm, then average the tokens
+        x = self.norm(x.permute(0, 2, 3, 1))  # norm, then average the tokens
+        x = x.mean(dim=(1, 2)) if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
         return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: the NCHW output of each stage (hierarchical) or block (isotropic) at
+        `indices`, and the final features (forward_features) unless `intermediates_only`; `norm`
+        applies the final norm to the intermediates (its width fits every one of an isotropic model)."""
+        check_choice(output_fmt, ("NCHW",), "output_fmt")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        units = last + 1 if stop_early or intermediates_only else len(self.feature_info)
+        intermediates = []
+        if self.isotropic:
+            stage = self.stages[0]
+            x = stage.embed(x)
+            for j, block in enumerate(stage.blocks[:units]):
+                x = block(x)
+                if j in take:
+                    intermediates.append((self.norm(x) if norm else x).permute(0, 3, 1, 2))
+            x = x.permute(0, 3, 1, 2)
+        else:
+            for i, stage in enumerate(self.stages[:units]):
+                x = stage(x)
+                if i in take:
+                    intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages (blocks) after the last of `indices` (and the head); the absolute indices kept."""
+        def truncate(last):
+            if self.isotropic:
+                self.stages[0].blocks = self.stages[0].blocks[:last + 1]
+            else:
+                self.stages = self.stages[:last + 1]
+
+        return prune_after(self, indices, prune_norm, prune_head, truncate)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -150,7 +202,11 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _cfg(kwargs):
-    return imagenet_cfg("stages.0.downsample", img_size=kwargs.get("img_size", 224))
+    """Built for one size (the filters are the token grid's): fixed_input_size, pool_size the last grid."""
+    img_size = kwargs.get("img_size", 224)
+    stride = kwargs["patch_size"] * 2 ** (len(kwargs["depths"]) - 1)
+    return imagenet_cfg("stages.0.downsample", img_size=img_size, fixed_input_size=True,
+                        pool_size=(img_size // stride, img_size // stride))
 
 
 # Official configs (main_gfnet.py). Hierarchical: layer-scale init 1e-3 (H-Ti, the code's default),
@@ -166,4 +222,6 @@ CONFIGS = {
                 dict(embed_dims=(512,), depths=(19,), patch_size=16)),
 }
 for _name, (_doc, _config) in CONFIGS.items():
-    register_family_model(__name__, _name, _doc, GFNet, _cfg, checkpoint_filter_fn, **_config)
+    _features = {"out_indices": 3} if len(_config["depths"]) == 1 else {}  # the last 3 blocks, as timm's ViTs
+    register_family_model(__name__, _name, _doc, GFNet, _cfg, checkpoint_filter_fn, feature_cfg=_features,
+                          **_config)

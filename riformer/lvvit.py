@@ -27,6 +27,11 @@ Parameter counts (all parameters, aux head included, see `tests/test_models_sit.
 LV-ViT-S/M at 224 give 26.2M/55.8M and LV-ViT-L at 288 gives 150.1M (SiT Table 3); the SiT teachers
 are a different, smaller model (README of Sense-X/SiT: 15.7M/25.4M/55.2M/147M).
 
+timm's interface: `global_pool` 'token' (the class token, default), 'avg' (mean of the patch tokens)
+or '' (all tokens); features (`forward_intermediates`, `features_only=True`) are the blocks' patch
+tokens, NCHW on the 1/16 grid or NLC, the last 3 blocks by default as timm's ViTs. The model is
+built for one size (its position embedding is not resized).
+
 Outputs: `forward(x)` returns logits (B, num_classes) in both modes. `forward_dense(x, mix_box)`
 returns (class logits, per-patch aux logits (B, N, num_classes)) for token-labeling training, with
 MixToken inside `mix_box` (see `mix_tokens`), and
@@ -37,9 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._features import feature_take_indices
 
-from riformer._builder import (imagenet_cfg, init_vit_weights, load_local_checkpoint, register_family_model,
-                               unwrap_state_dict)
+from riformer._builder import (check_choice, imagenet_cfg, init_vit_weights, load_local_checkpoint,
+                               register_family_model, tokens_to_nchw, unwrap_state_dict)
 
 __all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn",
            "load_local_checkpoint", "unwrap_state_dict"]
@@ -154,15 +160,20 @@ def make_stem(stem, embed_dim, in_chans, stem_width=64):
 
 
 class LVViT(nn.Module):
+    global_pools = ("token", "avg", "")
+    num_prefix_tokens = 1  # the class token
+
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=384, depth=16, num_heads=6,
                  mlp_ratio=3., skip_lam=2., stem="conv4", stem_width=64, aux_head_in_eval=False,
                  drop_rate=0., attn_drop_rate=0., drop_path_rate=0., qkv_bias=False, norm_eps=1e-5,
-                 aux_head=True, **kwargs):
+                 aux_head=True, global_pool="token", **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.feature_info = [dict(num_chs=embed_dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
         self.aux_head_in_eval = aux_head_in_eval
         self.patch_embed = make_stem(stem, embed_dim, in_chans, stem_width)
         self.grid_size = (img_size // 16, img_size // 16)
@@ -193,6 +204,8 @@ class LVViT(nn.Module):
 
     def reset_classifier(self, num_classes, global_pool=None):
         self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
             self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -212,13 +225,63 @@ class LVViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits=False):
-        if pre_logits:
+    def pool(self, x):
+        """What the head reads of the (B, N, C) tokens, by `global_pool`."""
+        if self.global_pool == "token":
             return x[:, 0]
-        logits = self.head(x[:, 0])
-        if self.aux_head_in_eval and not self.training:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(1)
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        pooled = self.pool(x)
+        if pre_logits:
+            return pooled
+        logits = self.head(pooled)
+        if self.aux_head_in_eval and not self.training and self.num_classes > 0 and self.global_pool:
             logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(1)[0]
         return logits
+
+    def after_block(self, i, x):
+        """What follows block `i` before the next one: nothing here (SiT slims the tokens)."""
+        return x
+
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False):
+        """timm's ViT feature API: the patch tokens after each block at `indices` (the last n if an
+        int), NCHW on the patch grid or NLC, with the final norm if `norm`, paired with the prefix
+        tokens if `return_prefix_tokens`; and the final features (forward_features) unless
+        `intermediates_only`."""
+        check_choice(output_fmt, ("NCHW", "NLC"), "output_fmt")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        blocks = last + 1 if stop_early or intermediates_only else len(self.blocks)
+        p = self.num_prefix_tokens
+        intermediates = []
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks[:blocks]):
+            x = block(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                patches = y[:, p:] if output_fmt == "NLC" else self.patch_grid(i, y[:, p:])
+                intermediates.append((patches, y[:, :p]) if return_prefix_tokens else patches)
+            x = self.after_block(i, x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if blocks == len(self.blocks) else x), intermediates
+
+    def patch_grid(self, i, patches):
+        """Block `i`'s patch tokens (B, N, C) as a (B, C, H, W) map on the patch grid."""
+        return tokens_to_nchw(patches, *self.grid_size)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the blocks after the last of `indices` (and the norm, the heads); the absolute indices kept."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -291,7 +354,12 @@ def resize_pos_embed(pos_embed, num_patches):
 
 
 def _cfg(kwargs):
-    return imagenet_cfg("patch_embed.convs.0.conv", img_size=kwargs.get("img_size", 224))
+    """Built for one size (the position embedding is not resized); tokens, so no pool_size."""
+    first_conv = "patch_embed.convs.0.conv"
+    return imagenet_cfg(first_conv, img_size=kwargs.get("img_size", 224), fixed_input_size=True)
+
+
+FEATURE_CFG = {"out_indices": 3}  # the last 3 blocks by default, as timm's ViTs
 
 
 # SiT's teachers (Sense-X/SiT models/lvvit.py): LeViT-like conv stems, SiT Table 2a shapes.
@@ -311,7 +379,8 @@ TOKEN_LABELING = {
 
 for _size, _config in SIT_TEACHERS.items():
     register_family_model(__name__, f"lvvit_{_size}", f"SiT's LV-ViT-{_size.upper()} teacher: {_config}",
-                          LVViT, _cfg, checkpoint_filter_fn, **_config)
+                          LVViT, _cfg, checkpoint_filter_fn, feature_cfg=FEATURE_CFG, **_config)
 for _name, _config in TOKEN_LABELING.items():
     register_family_model(__name__, _name, f"original token-labeling LV-ViT: {_config}", LVViT, _cfg,
-                          checkpoint_filter_fn, **_config, stem="token_labeling", aux_head_in_eval=True)
+                          checkpoint_filter_fn, feature_cfg=FEATURE_CFG, **_config, stem="token_labeling",
+                          aux_head_in_eval=True)

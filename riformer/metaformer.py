@@ -14,8 +14,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
+from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model)
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
 
@@ -172,10 +174,14 @@ class MetaFormerV1(LinearHead, nn.Module):
 
     def __init__(self, layers, embed_dims, block=PoolFormerBlock, mlp_ratios=(4, 4, 4, 4),
                  num_classes=1000, in_chans=3, drop_rate=0.0, drop_path_rate=0.0,
-                 layer_scale_init_value=1e-5, img_size=224, **block_kwargs):
+                 layer_scale_init_value=1e-5, img_size=224, global_pool="avg", **block_kwargs):
         super().__init__()
         self.num_classes = num_classes
-        self.num_features = embed_dims[-1]
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        # stage i (network[2i], after the downsampling network[2i - 1]) at stride 4 * 2^i
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"network.{2 * i}")
+                             for i, dim in enumerate(embed_dims)]
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], patch_size=7, stride=4, padding=2)
         total, done = sum(layers), 0
         network = []
@@ -206,8 +212,33 @@ class MetaFormerV1(LinearHead, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x, pre_logits=False):
-        x = x.mean([-2, -1])
+        if self.global_pool == "avg":
+            x = x.mean([-2, -1])
         return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: each stage's output (NCHW, before the final norm) at `indices`, and
+        the final features (forward_features) unless `intermediates_only`. `norm` is accepted and
+        ignored, as by timm's hierarchical models (the final norm fits the last stage only)."""
+        check_choice(output_fmt, ("NCHW",), "output_fmt")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        stages = last + 1 if stop_early or intermediates_only else len(self.feature_info)
+        intermediates = []
+        x = self.patch_embed(x)
+        for i in range(stages):
+            for layer in self.network[max(2 * i - 1, 0):2 * i + 1]:  # downsampling, then the stage
+                x = layer(x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if stages == len(self.feature_info) else x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the layers after the last of `indices` (and the head); the absolute indices kept."""
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "network", self.network[:2 * last + 1]))
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -238,4 +269,4 @@ for _prefix, _block, _sizes in (("poolformer_v1", PoolFormerBlock, CONFIGS),
         register_family_model(__name__, f"{_prefix}_{_size}",
                               f"{_prefix} {_size.upper()}: layers {_layers}, widths {_dims}",
                               partial(MetaFormerV1, _layers, _dims, block=_block),
-                              imagenet_cfg("patch_embed.proj"), layer_scale_init_value=_ls_init)
+                              imagenet_cfg("patch_embed.proj", pool_size=(7, 7)), layer_scale_init_value=_ls_init)

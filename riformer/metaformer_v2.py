@@ -23,11 +23,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from timm.models import build_model_with_cfg, register_model
+from timm.layers import register_notrace_function
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer, MetaFormerBlock
 
 from riformer import metaformer as metaformer_v1
-from riformer._builder import imagenet_cfg, refuse_pretrained
+from riformer._builder import cfg_for_img_size, imagenet_cfg, refuse_pretrained, register_timm_model
 from riformer.metaformer import fold_affine_into_norm
 
 __all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
@@ -44,22 +45,29 @@ class Affine(metaformer_v1.Affine):
         super().__init__(dim)
 
 
+@register_notrace_function  # a leaf for torch.fx: the check depends on the input's size
+def check_num_tokens(x: torch.Tensor, num_tokens: int) -> None:
+    H, W = x.shape[-2:]
+    if H * W != num_tokens:
+        raise ValueError(f"RandomMixing was built for {num_tokens} tokens, got {H}x{W}; "
+                         "build the model with the img_size it is run at")
+
+
 class RandomMixing(nn.Module):
     """RandFormer's token mixer: a fixed random (N x N) matrix over the N tokens of the map,
-    rows softmax-normalised; frozen (a parameter without grad, so checkpoints carry it)."""
+    rows softmax-normalised; frozen (a parameter without grad, as in the official code, so
+    checkpoints carry it and the MetaFormer-baselines paper's "11.9M + 0.2M" counts hold)."""
     num_tokens = 196
 
     def __init__(self, dim: int, num_tokens: Optional[int] = None, **kwargs):
         super().__init__()
-        num_tokens = num_tokens or self.num_tokens
+        num_tokens = self.num_tokens = num_tokens or self.num_tokens
         self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1),
                                           requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B, C, H, W
         B, C, H, W = x.shape
-        if H * W != self.random_matrix.shape[0]:
-            raise ValueError(f"RandomMixing was built for {self.random_matrix.shape[0]} tokens, got {H}x{W}; "
-                             "build the model with the img_size it is run at")
+        check_num_tokens(x, self.num_tokens)
         return torch.einsum("mn,bcn->bcm", self.random_matrix, x.reshape(B, C, H * W)).reshape(B, C, H, W)
 
 
@@ -95,45 +103,51 @@ def _cfg(**kwargs):
     return imagenet_cfg("stem.conv", "head.fc", pool_size=(7, 7), crop_pct=1.0, **kwargs)
 
 
-default_cfgs = {name: _cfg() for name in (
-    "identityformer_s12", "identityformer_s18", "randformer_s12", "affineformer_s12", "affineformer_s18")}
+# RandFormer is built for one size (its matrices are the token grid's).
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg() for name in ("identityformer_s12", "identityformer_s18", "affineformer_s12", "affineformer_s18")},
+    "randformer_s12": _cfg(fixed_input_size=True),
+})
 
 
 def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):
+    """timm's MetaFormer; `features_only` through its `forward_intermediates` (FeatureGetterNet keeps the
+    model, so `riformer.deploy` finds AffineFormer's fold in a feature extractor too)."""
     refuse_pretrained(variant, pretrained)
     model_args = dict(arch, token_mixers=token_mixers, norm_layers=GroupNorm1NoBias, use_mlp_head=False)
     return build_model_with_cfg(model_cls, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                                 **dict(model_args, **kwargs))
 
 
-@register_model
+@register_timm_model
 def identityformer_s12(pretrained=False, **kwargs) -> MetaFormer:
     return _create("identityformer_s12", pretrained, nn.Identity, S12, **kwargs)
 
 
-@register_model
+@register_timm_model
 def identityformer_s18(pretrained=False, **kwargs) -> MetaFormer:
     """IdentityFormer at the S18 depths (3, 3, 9, 3) of ConvFormer/CAFormer-S18: the deploy-time
     architecture of the 18-layer students (the MetaFormer-baselines paper has no S18 of it)."""
     return _create("identityformer_s18", pretrained, nn.Identity, S18, **kwargs)
 
 
-@register_model
+@register_timm_model
 def randformer_s12(pretrained=False, img_size=224, **kwargs) -> MetaFormer:
     """RandFormer-S12; the random matrices of stages 3-4 are sized for `img_size`."""
     tokens = _stage_token_counts(img_size)
     mixers = [nn.Identity, nn.Identity, random_mixing_for(tokens[2]), random_mixing_for(tokens[3])]
-    return _create("randformer_s12", pretrained, mixers, S12, **kwargs)
+    kwargs = cfg_for_img_size({**kwargs, "img_size": img_size}, stride=32)
+    return _create("randformer_s12", pretrained, mixers, S12, kwargs_filter=("img_size",), **kwargs)
 
 
-@register_model
+@register_timm_model
 def affineformer_s12(pretrained=False, **kwargs) -> AffineFormer:
     """RIFormer Table 9 student, 12 layers (teachers RandFormer-S12, PoolFormerV2-S12)."""
     return _create("affineformer_s12", pretrained, Affine, S12, model_cls=AffineFormer, **kwargs)
 
 
-@register_model
+@register_timm_model
 def affineformer_s18(pretrained=False, **kwargs) -> AffineFormer:
     """RIFormer Table 9 student, 18 layers (teachers ConvFormer-S18, CAFormer-S18)."""
     return _create("affineformer_s18", pretrained, Affine, S18, model_cls=AffineFormer, **kwargs)

@@ -19,11 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models._features import feature_take_indices
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from riformer._builder import imagenet_cfg, refuse_pretrained
+from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, prune_after, refuse_pretrained,
+                               register_timm_model)
 
 __all__ = ["SwinMixer"]
 
@@ -98,16 +100,19 @@ class SwinMixerStage(nn.Module):
 class SwinMixer(nn.Module):
     """Swin-Mixer: Swin-T/B macro design (patch 4, four stages, patch merging) with window
     spatial MLPs. Built for one input size (the token-mixing matrices are window-sized and
-    the window shrinks on maps smaller than it)."""
+    the window shrinks on maps smaller than it). Features are channels-last (B, H, W, C), as
+    timm's Swin: `output_fmt` 'NHWC', `feature_dim` -1."""
+    global_pools = ("avg", "")
+    output_fmt = "NHWC"
+    feature_dim = -1
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
                  mlp_ratio: float = 4., drop_rate: float = 0., drop_path_rate: float = 0.1,
                  norm_layer=nn.LayerNorm, global_pool: str = "avg"):
         super().__init__()
-        assert global_pool in ("avg", "")
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
                                       norm_layer=norm_layer, output_fmt="NHWC")
         grid = self.patch_embed.grid_size
@@ -121,6 +126,8 @@ class SwinMixer(nn.Module):
                 dims[max(i - 1, 0)], dims[i], resolution, depth, num_heads[i], window_size, mlp_ratio,
                 dpr[i], norm_layer, downsample=i > 0))
         self.stages = nn.Sequential(*stages)
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, dim in enumerate(dims)]
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
@@ -140,7 +147,7 @@ class SwinMixer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,25 +162,49 @@ class SwinMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: each stage's output at `indices` (NCHW, or NHWC as the model computes it),
+        and the final features (forward_features) unless `intermediates_only`; `norm` is accepted and
+        ignored, as by timm's hierarchical models."""
+        check_choice(output_fmt, ("NCHW", "NHWC"), "output_fmt")
+        take, last = feature_take_indices(len(self.stages), indices)
+        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.stages[:stages]):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if stages == len(self.stages) else x), intermediates
 
-def _cfg(img_size: int = 224, first_conv: str = "patch_embed.proj", **kwargs):
-    return imagenet_cfg(first_conv, img_size=img_size, pool_size=None, fixed_input_size=True, **kwargs)
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "stages", self.stages[:last + 1]))
 
 
-default_cfgs = {
-    "swin_mixer_tiny_d6": _cfg(img_size=256),
-    "swin_mixer_base_d24": _cfg(),
-    "resmlp_b24_p16": _cfg(first_conv="stem.proj", crop_pct=0.875),
-}
+def _cfg(img_size: int = 224, first_conv: str = "patch_embed.proj", pool_size=None, **kwargs):
+    return imagenet_cfg(first_conv, img_size=img_size, pool_size=pool_size, fixed_input_size=True, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "swin_mixer_tiny_d6": _cfg(img_size=256, pool_size=(8, 8)),
+    "swin_mixer_base_d24": _cfg(pool_size=(7, 7)),
+    "resmlp_b24_p16": _cfg(first_conv="stem.proj", crop_pct=0.875),  # tokens, no map: no pool_size
+})
 
 
 def _create_swin_mixer(variant: str, pretrained: bool, **kwargs) -> SwinMixer:
     refuse_pretrained(variant, pretrained)
-    return build_model_with_cfg(SwinMixer, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+    features = dict(flatten_sequential=True, out_indices=(0, 1, 2, 3))  # timm's Swin: the stages, NHWC
+    return build_model_with_cfg(SwinMixer, variant, pretrained=False, feature_cfg=features,
+                                **cfg_for_img_size(kwargs, stride=32))
 
 
-@register_model
+@register_timm_model
 def swin_mixer_tiny_d6(pretrained=False, **kwargs) -> SwinMixer:
     """Swin-Mixer-T/D6 (official "SwinMLP-T/C6"): 6 channels per head group, window 8, used at 256."""
     model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(16, 32, 64, 128), window_size=8,
@@ -181,7 +212,7 @@ def swin_mixer_tiny_d6(pretrained=False, **kwargs) -> SwinMixer:
     return _create_swin_mixer("swin_mixer_tiny_d6", pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@register_timm_model
 def swin_mixer_base_d24(pretrained=False, **kwargs) -> SwinMixer:
     """Swin-Mixer-B "D24" as printed (Swin paper, RIFormer Table 6: 61M, 10.4G at 224).
 
@@ -193,7 +224,7 @@ def swin_mixer_base_d24(pretrained=False, **kwargs) -> SwinMixer:
     return _create_swin_mixer("swin_mixer_base_d24", pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@register_timm_model
 def resmlp_b24_p16(pretrained=False, **kwargs) -> MlpMixer:
     """ResMLP-B24 with 16x16 patches (ResMLP paper: 116M, 23.0G); timm's ResMLP classes."""
     refuse_pretrained("resmlp_b24_p16", pretrained)

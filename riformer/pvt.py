@@ -19,9 +19,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, imagenet_cfg, init_vit_weights, register_family_model, unwrap_state_dict
+from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+                               register_family_model, tokens_to_nchw, unwrap_state_dict)
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -84,6 +86,18 @@ class PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
 
+@register_notrace_function  # a leaf for torch.fx: the branch depends on the input's size
+def resize_pos_embed(pos_embed, num_extra, grid_size, height, width):
+    """The position embedding (extra tokens first), its grid resized bilinearly when (height, width) is
+    not the trained grid (grid_size x grid_size), as the official code does."""
+    extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
+    if (height, width) != (grid_size, grid_size):
+        grid = grid.reshape(1, grid_size, grid_size, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(height, width), mode="bilinear")
+        grid = grid.flatten(2).transpose(1, 2)
+    return torch.cat([extra, grid], dim=1)
+
+
 class Stage(nn.Module):
     """Patch embedding, position embedding (+ class token on the last stage), blocks."""
 
@@ -98,36 +112,39 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, drop=drop_rate, drop_path=rate, **block_kwargs) for rate in drop_path_rates)
 
-    def _pos_embed(self, height, width):
-        """The position embedding, resized bilinearly when the grid is not the trained one."""
-        num_extra = int(self.cls_token is not None)
-        extra, grid = self.pos_embed[:, :num_extra], self.pos_embed[:, num_extra:]
-        if (height, width) != (self.grid_size, self.grid_size):
-            grid = grid.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(height, width), mode="bilinear")
-            grid = grid.flatten(2).transpose(1, 2)
-        return torch.cat([extra, grid], dim=1)
-
-    def forward(self, x):
+    def forward_tokens(self, x):
+        """(tokens, height, width): the stage's tokens (class token first on the last stage) and grid."""
         x, height, width = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self._pos_embed(height, width))
+        num_extra = int(self.cls_token is not None)
+        x = self.pos_drop(x + resize_pos_embed(self.pos_embed, num_extra, self.grid_size, height, width))
         for block in self.blocks:
             x = block(x, height, width)
+        return x, height, width
+
+    def forward(self, x):
+        x, height, width = self.forward_tokens(x)
         if self.cls_token is not None:
             return x  # tokens (class token first) for the head
-        return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        return tokens_to_nchw(x, height, width)
 
 
 class PyramidVisionTransformer(LinearHead, nn.Module):
+    """`global_pool`: 'token' (the class token, as the official code), 'avg' (the mean of the last
+    stage's patch tokens) or '' (all tokens)."""
+    global_pools = ("token", "avg", "")
+
     def __init__(self, depths, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
                  mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size=4, img_size=224,
                  in_chans=3, num_classes=1000, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0):
+                 drop_path_rate=0.0, global_pool="token"):
         super().__init__()
         self.num_classes = num_classes
-        self.num_features = embed_dims[-1]
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, dim in enumerate(embed_dims)]
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, grid, done = [], img_size // patch_size, 0
         for i, depth in enumerate(depths):
@@ -157,8 +174,36 @@ class PyramidVisionTransformer(LinearHead, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x, pre_logits=False):
-        x = x[:, 0]  # the class token
+        if self.global_pool == "token":
+            x = x[:, 0]  # the class token
+        elif self.global_pool == "avg":
+            x = x[:, 1:].mean(1)
         return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: each stage's output as an NCHW map (the last stage's patch tokens without
+        the class token, before the final norm) at `indices`, and the final features (forward_features)
+        unless `intermediates_only`. `norm` is accepted and ignored, as by timm's hierarchical models."""
+        check_choice(output_fmt, ("NCHW",), "output_fmt")
+        take, last = feature_take_indices(len(self.stages), indices)
+        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
+        intermediates = []
+        for i, stage in enumerate(self.stages[:stages]):
+            x, height, width = stage.forward_tokens(x)
+            grid = tokens_to_nchw(x[:, int(stage.cls_token is not None):], height, width)
+            if i in take:
+                intermediates.append(grid)
+            if stage.cls_token is None:
+                x = grid
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if stages == len(self.stages) else x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
+        return prune_after(self, indices, prune_norm, prune_head,
+                           lambda last: setattr(self, "stages", self.stages[:last + 1]))
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

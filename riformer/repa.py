@@ -29,13 +29,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import timm
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from timm.models.mlp_mixer import MixerBlock, MlpMixer
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 
 from riformer import lvvit, metaformer
-from riformer._builder import refuse_pretrained, register, strip_timm_kwargs
+from riformer._builder import finish_timm_model, pop_feature_kwargs, refuse_pretrained, register, strip_timm_kwargs
 
 __all__ = ["ChannelIdleFFN", "num_active_channels", "VARIANTS"]
 
@@ -53,6 +53,7 @@ def num_active_channels(hidden_dim: int, dim: int, idle_ratio: Optional[float]) 
     return round(hidden_dim * (1.0 - idle_ratio))
 
 
+@register_notrace_module  # a leaf for torch.fx, as nn.BatchNorm1d is: its forward inspects x.dim()
 class BatchNormLast(nn.BatchNorm1d):
     """BatchNorm over the last dim of a (..., C) tensor: statistics over every token of the batch."""
 
@@ -339,16 +340,37 @@ VARIANTS = {
 }
 
 
+# features_only, as each backbone gives it: the last 3 blocks of the isotropic ones (FeatureGetterNet
+# over forward_intermediates, the default), every stage of the hierarchical ones (Swin's own list, NHWC).
+FEATURE_CFGS = {
+    _repa_vit: {"out_indices": 3},
+    _repa_mixer: {"out_indices": 3},
+    _repa_lvvit: {"out_indices": 3},
+    _repa_swin: {"feature_cls": "list", "flatten_sequential": True, "out_indices": (0, 1, 2, 3)},
+    _repa_poolformer: {},
+}
+# What a RePa model's cfg keeps of its backbone's: the input and eval transform, the layer names;
+# not the backbone's weights, hub id, license or paper.
+CFG_FIELDS = ("input_size", "fixed_input_size", "min_input_size", "interpolation", "crop_pct", "crop_mode",
+              "mean", "std", "num_classes", "pool_size", "first_conv", "classifier")
+
+
+def _repa_cfg(base_cfg: dict) -> dict:
+    return {key: base_cfg[key] for key in CFG_FIELDS if base_cfg.get(key) is not None} | {"url": ""}
+
+
 def _register(name, convert, base, base_kwargs):
     def build(pretrained=False, idle_ratio=None, **kwargs):
         refuse_pretrained(name, pretrained)
+        features = pop_feature_kwargs(kwargs)
         model = _base_model(base, {**base_kwargs, **kwargs})
         convert(model, idle_ratio)
-        return model
+        return finish_timm_model(model, name, _repa_cfg(model.pretrained_cfg), FEATURE_CFGS[convert], features)
 
     register(__name__, name, build,
              f"RePaFormer on {base} {base_kwargs or ''}: channel-idle FFNs; idle_ratio=None is "
-             "the paper's default μ = 1 (θ = 0.75 at mlp ratio 4)")
+             "the paper's default μ = 1 (θ = 0.75 at mlp ratio 4)",
+             _repa_cfg(timm.models.get_pretrained_cfg(base).to_dict()))
 
 
 for _name, (_convert, _base, _base_kwargs) in VARIANTS.items():

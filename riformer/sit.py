@@ -35,6 +35,11 @@ Forward contract (timm's, as for timm's distilled DeiT with `distilled_training`
   `LVViT.forward_block_tokens` output (L_token, Eq. 6-7). Without RTSM (after deploy, or
   `recalibration=False`) `block_tokens` is empty.
 
+timm's interface (LV-ViT's, see riformer/lvvit.py): the `_dist` variants pool 'token' (both heads,
+averaged) or '' (all tokens). Features are per block, before the slimming that may follow it: NLC by
+default (`features_only=True`), since slimmed tokens are no longer a grid; NCHW only for the blocks
+before the first slimming. `feature_info` gives each block's `num_tokens`.
+
 Parameter counts (aux token-labeling head included, RTSM excluded) reproduce SiT Table 2a and
 Table 3 (15.9/25.6/25.6/55.6/148.2M and 16.2/26.0/26.0/56.2M for the ‡ rows).
 """
@@ -46,9 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from riformer._builder import (imagenet_cfg, init_vit_weights, load_local_checkpoint, register_family_model,
-                               unwrap_state_dict)
-from riformer.lvvit import SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
+from riformer._builder import (check_choice, imagenet_cfg, init_vit_weights, load_local_checkpoint,
+                               register_family_model, unwrap_state_dict)
+from riformer.lvvit import FEATURE_CFG, SIT_TEACHERS, LVViT, rename_stem_key, resize_pos_embed, _cfg
 
 __all__ = ["SiT", "TokenSlimming", "ReverseTokenSlimming", "SiTTrainOutput", "training_only_params",
            "checkpoint_filter_fn"]
@@ -221,6 +226,12 @@ class SiT(LVViT):
             trunc_normal_(self.dist_token, std=.02)
             trunc_normal_(self.dist_pos_embed, std=.02)
 
+        for i, info in enumerate(self.feature_info):  # the tokens each block sees (and outputs, before slimming)
+            info["num_tokens"] = self.stage_tokens[sum(j < i for j in self.slim_after)]
+        if distilled:
+            self.global_pools = ("token", "")
+            check_choice(self.global_pool, self.global_pools, "global_pool of a distilled SiT")
+
         # One RTSM (or Table 8 alternative) per block whose output is slimmed (from the first slimming on).
         self.rtsm = None
         if recalibration:
@@ -256,7 +267,7 @@ class SiT(LVViT):
         return {"pos_embed", "cls_token", "dist_token", "dist_pos_embed"}
 
     def reset_classifier(self, num_classes, global_pool=None):
-        super().reset_classifier(num_classes)
+        super().reset_classifier(num_classes, global_pool)
         self._freeze_aux_head()
         if self.num_prefix_tokens == 2:
             self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -276,13 +287,25 @@ class SiT(LVViT):
         recover = recover and self.rtsm is not None
         p = self.num_prefix_tokens
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.slim_after:
-                tokens = self.tsm[self.slim_after.index(i)](x[:, p:])
-                x = torch.cat([x[:, :p], tokens], dim=1)
+            x = self.after_block(i, block(x))
             if recover:
                 block_tokens.append(self.rtsm[i](x[:, p:]))
         return self.norm(x), block_tokens
+
+    def after_block(self, i, x):
+        """The token slimming after block `i`, if one follows it."""
+        if i in self.slim_after:
+            p = self.num_prefix_tokens
+            tokens = self.tsm[self.slim_after.index(i)](x[:, p:])
+            x = torch.cat([x[:, :p], tokens], dim=1)
+        return x
+
+    def patch_grid(self, i, patches):
+        num_tokens = self.feature_info[i]["num_tokens"]
+        if num_tokens != self.num_patches:
+            raise ValueError(f"block {i} of this SiT sees {num_tokens} slimmed tokens, not the "
+                             f"{self.grid_size[0]}x{self.grid_size[1]} grid: use output_fmt='NLC'")
+        return super().patch_grid(i, patches)
 
     def forward_features(self, x):
         return self.forward_blocks(self.embed(x))[0]
@@ -292,7 +315,7 @@ class SiT(LVViT):
         return logits, (self.head_dist(x[:, 1]) if self.num_prefix_tokens == 2 else logits)
 
     def forward_head(self, x, pre_logits=False):
-        if self.num_prefix_tokens == 1:
+        if self.num_prefix_tokens == 1 or not self.global_pool:
             return super().forward_head(x, pre_logits)
         if pre_logits:
             return (x[:, 0] + x[:, 1]) / 2
@@ -368,6 +391,8 @@ def _load_teacher_or_student(model, checkpoint_path, filter_fn):
                            f"({missing_tsm[0]}, ...): it does not fit {type(model).__name__}'s slimming")
 
 
+SIT_FEATURE_CFG = {**FEATURE_CFG, "output_fmt": "NLC"}  # slimmed tokens are not a grid
+
 # SiT on DeiT-S (SiT Table 1 / Fig. 5a): timm's deit_small_patch16_224 body with three TSMs. The paper
 # gives neither the TSM locations nor the keep ratios; ours: after blocks 3, 6 and 9 (DynamicViT's
 # locations, the method Table 1 compares with) and keep ratio 0.5 (SiT's default; Table 1's second
@@ -375,14 +400,17 @@ def _load_teacher_or_student(model, checkpoint_path, filter_fn):
 DEIT_S = dict(stem="patch16", embed_dim=384, depth=12, num_heads=6, mlp_ratio=4., skip_lam=1., qkv_bias=True,
               norm_eps=1e-6, aux_head=False)
 register_family_model(__name__, "sit_deit_s", f"SiT on DeiT-S: {DEIT_S}", SiT,
-                      lambda kwargs: imagenet_cfg("patch_embed.proj", img_size=kwargs.get("img_size", 224)),
-                      checkpoint_filter_fn, _load_teacher_or_student, **DEIT_S, stage_depths=(3, 3, 3, 3))
+                      lambda kwargs: imagenet_cfg("patch_embed.proj", img_size=kwargs.get("img_size", 224),
+                                                  fixed_input_size=True),
+                      checkpoint_filter_fn, _load_teacher_or_student, feature_cfg=SIT_FEATURE_CFG, **DEIT_S,
+                      stage_depths=(3, 3, 3, 3))
 
 for _size, (_teacher, _stages) in SIT_CONFIGS.items():
     _config = {**SIT_TEACHERS[_teacher], "stage_depths": _stages}
     register_family_model(__name__, f"sit_{_size}", f"SiT-{_size.upper()}: {_config}", SiT, _cfg,
-                          checkpoint_filter_fn, _load_teacher_or_student, **_config)
+                          checkpoint_filter_fn, _load_teacher_or_student, feature_cfg=SIT_FEATURE_CFG, **_config)
     if _size != "l":  # SiT-L has no ‡ row
         register_family_model(__name__, f"sit_{_size}_dist",
                               f"SiT-{_size.upper()}‡ (distillation token and head for a CNN teacher): {_config}",
-                              SiT, _cfg, checkpoint_filter_fn, _load_teacher_or_student, **_config, distilled=True)
+                              SiT, _cfg, checkpoint_filter_fn, _load_teacher_or_student,
+                              feature_cfg=SIT_FEATURE_CFG, **_config, distilled=True)

@@ -22,9 +22,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
+from timm.models._features import feature_take_indices
 
-from riformer._builder import imagenet_cfg, register_family_model, unwrap_state_dict
+from riformer._builder import check_choice, imagenet_cfg, register_family_model, unwrap_state_dict
 
 __all__ = ["PyramidViG", "checkpoint_filter_fn"]
 
@@ -57,6 +58,34 @@ def relative_position_bias(dim, grid_size, reduce_ratio):
     return -similarity[0]
 
 
+@register_notrace_function  # a leaf for torch.fx: k and the dilation depend on the node count
+@torch.no_grad()
+def neighbours(nodes, candidates, relative_pos, num_neighbours, dilation):
+    """Indices (B, N, k) of each node's dilated k nearest candidates (in L2-normalised feature space,
+    plus the relative-position bias)."""
+    nodes, candidates = F.normalize(nodes, dim=-1), F.normalize(candidates, dim=-1)
+    distance = (nodes.pow(2).sum(-1, keepdim=True) - 2 * nodes @ candidates.transpose(1, 2)
+                + candidates.pow(2).sum(-1).unsqueeze(1))
+    if relative_pos is not None:
+        distance = distance + relative_pos
+    num_candidates = candidates.shape[1]
+    dilation = max(1, min(dilation, num_candidates // num_neighbours))  # see the module doc
+    k = min(num_neighbours, num_candidates)
+    return torch.topk(-distance, k=k * dilation).indices[..., ::dilation]
+
+
+@register_notrace_function  # a leaf for torch.fx: the branch depends on the input's size
+def resize_to(embedding, size):
+    """`embedding`, (1, H0, W0) or (1, C, H0, W0), resized bicubically to `size` = (H, W) unless it has
+    that size already."""
+    size = tuple(size)
+    if tuple(embedding.shape[-2:]) == size:
+        return embedding
+    if embedding.dim() == 3:
+        return F.interpolate(embedding[None], size=size, mode="bicubic")[0]
+    return F.interpolate(embedding, size=size, mode="bicubic")
+
+
 class MaxRelativeGraphConv(nn.Module):
     """kNN graph on the fly, then [x_i, max_j (x_j - x_i)] through a grouped 1x1 conv."""
 
@@ -68,25 +97,12 @@ class MaxRelativeGraphConv(nn.Module):
         self.proj = nn.Sequential(nn.Conv2d(in_chans * 2, out_chans, 1, groups=4), nn.BatchNorm2d(out_chans),
                                   nn.GELU())
 
-    @torch.no_grad()
-    def neighbours(self, nodes, candidates, relative_pos):
-        """Indices (B, N, k) of each node's dilated k nearest candidates."""
-        nodes, candidates = F.normalize(nodes, dim=-1), F.normalize(candidates, dim=-1)
-        distance = (nodes.pow(2).sum(-1, keepdim=True) - 2 * nodes @ candidates.transpose(1, 2)
-                    + candidates.pow(2).sum(-1).unsqueeze(1))
-        if relative_pos is not None:
-            distance = distance + relative_pos
-        num_candidates = candidates.shape[1]
-        dilation = max(1, min(self.dilation, num_candidates // self.num_neighbours))  # see module doc
-        k = min(self.num_neighbours, num_candidates)
-        return torch.topk(-distance, k=k * dilation).indices[..., ::dilation]
-
     def forward(self, x, relative_pos=None):
         batch, chans, height, width = x.shape
         candidates = F.avg_pool2d(x, self.reduce_ratio) if self.reduce_ratio > 1 else x
         nodes = x.flatten(2).transpose(1, 2)  # (B, N, C)
         candidates = candidates.flatten(2).transpose(1, 2)  # (B, M, C)
-        index = self.neighbours(nodes, candidates, relative_pos)  # (B, N, k)
+        index = neighbours(nodes, candidates, relative_pos, self.num_neighbours, self.dilation)  # (B, N, k)
         gathered = torch.gather(candidates.unsqueeze(1).expand(-1, index.shape[1], -1, -1), 2,
                                 index.unsqueeze(-1).expand(-1, -1, -1, chans))  # (B, N, k, C)
         max_relative = (gathered - nodes.unsqueeze(2)).amax(dim=2)  # (B, N, C)
@@ -108,16 +124,12 @@ class Grapher(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.register_buffer("relative_pos", relative_position_bias(dim, grid_size, reduce_ratio))
 
-    def _relative_pos(self, height, width):
-        if (height, width) == (self.grid_size, self.grid_size):
-            return self.relative_pos
-        size = (height * width, height * width // self.reduce_ratio ** 2)
-        return F.interpolate(self.relative_pos[None], size=size, mode="bicubic")[0]
-
     def forward(self, x):
         shortcut = x
         x = self.fc1(x)
-        x = self.graph_conv(x, self._relative_pos(*x.shape[-2:]))
+        height, width = x.shape[-2:]
+        size = (height * width, height * width // self.reduce_ratio ** 2)  # (nodes, candidates)
+        x = self.graph_conv(x, resize_to(self.relative_pos, size))
         return shortcut + self.drop_path(self.fc2(x))
 
 
@@ -144,11 +156,20 @@ class Block(nn.Module):
 
 
 class PyramidViG(nn.Module):
+    """timm's names: `num_features` is the last stage's width, `head_hidden_size` the 1x1-conv
+    pre-logits width after the pooling (`hidden_dim`); `global_pool=''` keeps the map, the pre-logits
+    convs then apply at every position (as timm's models with a head conv after the pooling)."""
+    global_pools = ("avg", "")
+
     def __init__(self, depths, embed_dims, num_neighbours=9, reduce_ratios=(4, 2, 1, 1), img_size=224,
-                 in_chans=3, num_classes=1000, hidden_dim=1024, drop_rate=0.0, drop_path_rate=0.0):
+                 in_chans=3, num_classes=1000, hidden_dim=1024, drop_rate=0.0, drop_path_rate=0.0,
+                 global_pool="avg"):
         super().__init__()
         self.num_classes = num_classes
-        self.num_features = hidden_dim
+        self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.num_features, self.head_hidden_size = embed_dims[-1], hidden_dim
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}.blocks")
+                             for i, dim in enumerate(embed_dims)]
         dim = embed_dims[0]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2), nn.GELU(),
@@ -185,21 +206,51 @@ class PyramidViG(nn.Module):
 
     def reset_classifier(self, num_classes, global_pool=None):
         self.num_classes = num_classes
-        self.head = nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = check_choice(global_pool, self.global_pools, "global_pool")
+        self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
+
+    def embed(self, x):
+        """The stem plus the position embedding (resized if the input is not the built size)."""
+        x = self.stem(x)
+        return x + resize_to(self.pos_embed, x.shape[-2:])
 
     def forward_features(self, x):
-        x = self.stem(x)
-        pos_embed = self.pos_embed
-        if pos_embed.shape[-2:] != x.shape[-2:]:
-            pos_embed = F.interpolate(pos_embed, size=x.shape[-2:], mode="bicubic")
-        x = x + pos_embed
+        x = self.embed(x)
         for stage in self.stages:
             x = stage.blocks(stage.downsample(x))
         return x
 
     def forward_head(self, x, pre_logits=False):
-        x = self.pre_logits(F.adaptive_avg_pool2d(x, 1))
-        return x.flatten(1) if pre_logits else self.head(x).flatten(1)
+        if self.global_pool == "avg":
+            x = self.pre_logits(F.adaptive_avg_pool2d(x, 1))
+            return x.flatten(1) if pre_logits else self.head(x).flatten(1)
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: each stage's output (NCHW) at `indices`, and the final features
+        (forward_features) unless `intermediates_only`. `norm` is accepted and ignored (no final norm)."""
+        check_choice(output_fmt, ("NCHW",), "output_fmt")
+        take, last = feature_take_indices(len(self.stages), indices)
+        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
+        intermediates = []
+        x = self.embed(x)
+        for i, stage in enumerate(self.stages[:stages]):
+            x = stage.blocks(stage.downsample(x))
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        if prune_head:
+            self.pre_logits = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -239,8 +290,10 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _cfg(kwargs):
-    return imagenet_cfg("stem.0", img_size=kwargs.get("img_size", 224), crop_pct=0.95,
-                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    """Built for one size, as the official model (position embedding and relative positions)."""
+    img_size = kwargs.get("img_size", 224)
+    return imagenet_cfg("stem.0", img_size=img_size, crop_pct=0.95, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                        fixed_input_size=True, pool_size=(img_size // 32, img_size // 32))
 
 
 register_family_model(__name__, "pvig_b_224",

@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (a plain module: `from helpers import ...`).
 
 * `one_thread`: an autouse fixture once imported into a test module; runs each test on one thread.
+* Training: `write_recipe` (a recipe file over a base), `generated` (a module-scoped generated dataset).
 * `kill_at_step`: a training run killed at a given step (resume tests).
 * RePaFormer folds: `randomize_`, `max_relative_error`, `ffn_outputs`, `assert_fold_is_exact`.
 * Reference CSVs and table specs: `ROOT`, `HEADER`, `UNITS`, `FLAGS`, `read_reference`, `read_spec`,
@@ -20,6 +21,21 @@ import yaml
 import riformer  # noqa: F401  (before timm: torchvision shim)
 from riformer import repa
 from riformer.deploy import deploy
+
+
+def write_recipe(folder: Path, fields: dict, base: Path, name="recipe.yaml") -> Path:
+    """A recipe file in `folder` that sets `fields` over `base`."""
+    path = folder / name
+    path.write_text(yaml.safe_dump({"base": str(base), **fields}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """A small generated ImageFolder dataset (4 classes, 8 + 4 images each, 40 px)."""
+    from reproduce.engine.data import make_generated_dataset
+
+    return str(make_generated_dataset(tmp_path_factory.mktemp("data"), classes=4, images_per_class=8, image_size=40))
 
 
 def kill_at_step(engine, monkeypatch, step: int):

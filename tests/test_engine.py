@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import riformer  # noqa: F401  (before timm)
 from reproduce.engine import EngineError, checkpoint
 from reproduce.engine import train as engine
 from reproduce.engine.recipe import RecipeError, load_recipe
 
-from helpers import kill_at_step, one_thread  # noqa: F401  (autouse fixture)
+import helpers
+from helpers import generated, kill_at_step, one_thread  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "riformer" / "base.yaml"
@@ -25,16 +25,7 @@ DETERMINISTIC = {
 
 
 def write_recipe(folder: Path, fields: dict, name="recipe.yaml", base=BASE) -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump({"base": str(base), **fields}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    from reproduce.engine.data import make_generated_dataset
-
-    return str(make_generated_dataset(tmp_path_factory.mktemp("data"), classes=4, images_per_class=8, image_size=40))
+    return helpers.write_recipe(folder, fields, base, name)
 
 
 # --- recipes ---------------------------------------------------------------------------------
@@ -93,11 +84,14 @@ def test_smoke_run_of_every_family(tmp_path, generated, family):
     assert saved["top1"] == result["top1"] and saved["data"] == generated
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in log] == list(range(result["epochs"]))
-    if family == "affine_imitation":  # L'_in and L_out stop after `feat` epochs, L_rel after `rel`
-        assert log[0]["rel"] > 0 and log[0]["in"] > 0 and log[0]["out"] > 0
-        assert log[1]["rel"] == 0 and log[1]["in"] > 0
+    if family == "affine_imitation":  # the row's feat 80 / rel 20 of 120 epochs -> 8 / 2 of 12 at smoke scale
+        assert log[1]["rel"] > 0 and log[1]["in"] > 0 and log[1]["out"] > 0
+        assert log[1]["lambda_rel"] == pytest.approx(log[1]["rel"] * 1.0)  # Table 10's 1.0, as printed
+        assert log[2]["rel"] == 0 and log[7]["in"] > 0
+        assert "in" not in log[8]  # its epochs are over: no more hooks, no more teacher
     assert ("teacher_top1" in saved) == (family != "ce")  # Table 5 prints the teacher's accuracy too
     assert (tmp_path / "model_deploy.pt").exists() == result["model"].startswith("riformer")
+    assert saved["top1_train"] == saved["top1_deploy"] == saved["top1"]  # the fold is exact
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, generated, monkeypatch):

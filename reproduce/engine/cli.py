@@ -91,11 +91,16 @@ def _relaunch_under_torchrun(nproc: int) -> int:
 @click.option("--resume", is_flag=True, help="continue from <output>/checkpoint.pt")
 @click.option("--recipe", "recipe_option", type=str, default=None,
               help="a recipe file to use instead of the one the table names")
-def train_command(table, row, column, data, scale, nproc, output, resume, recipe_option):
+@click.option("--dry-run", is_flag=True, help="build everything at full size and run one step on synthetic "
+                                              "images, without data or trained weights")
+def train_command(table, row, column, data, scale, nproc, output, resume, recipe_option, dry_run):
     """Train the recipe behind one accuracy cell (TABLE ROW [--column C]) and evaluate it."""
     from reproduce.engine import distributed
 
     try:
+        if dry_run:
+            path, run_name, column = cell_run(table, row, column, recipe_option)
+            sys.exit(_report_dry_runs([path], use_cache=False, label=f"{table}/{run_name}"))
         if nproc > 1 and not distributed.launched_by_torchrun():
             sys.exit(_relaunch_under_torchrun(nproc))
         from reproduce.engine.recipe import load_recipe
@@ -151,6 +156,46 @@ def eval_command(model, checkpoint, data, split, img_size, crop_pct, num_classes
         click.echo(f"-> {Path(output) / 'result.json'}")
 
 
+def _report_dry_runs(paths, use_cache: bool, label: str | None = None) -> int:
+    """Dry-run each recipe, one line each (a progress line between); 1 if any failed."""
+    import time
+
+    from reproduce.engine.dryrun import dry_run
+
+    start, failed = time.time(), 0
+    for i, path in enumerate(paths, 1):
+        if len(paths) > 1 and sys.stderr.isatty():
+            click.echo(f"[{i}/{len(paths)}] {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ...",
+                       err=True, nl=False)
+            click.echo("\r\033[K", err=True, nl=False)
+        outcome = dry_run(path, use_cache=use_cache)
+        failed += not outcome.ok
+        if label:
+            click.echo(f"{label}:")
+        click.echo("\n".join(outcome.lines()))
+    if len(paths) > 1:
+        click.echo(f"{len(paths) - failed}/{len(paths)} recipes pass the dry run in {time.time() - start:.0f} s")
+    return 1 if failed else 0
+
+
+@click.command("dry-run")
+@click.argument("recipes", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--all", "all_recipes", is_flag=True, help="every recipe under recipes/")
+@click.option("--distinct", is_flag=True, help="only the first recipe of each distinct configuration "
+              "(student, image size, teachers, losses; what CI runs)")
+@click.option("--no-cache", is_flag=True, help="run again even where a stored outcome holds")
+def dry_run_command(recipes, all_recipes, distinct, no_cache):
+    """Build RECIPES at full size and run one optimizer step each (see reproduce/engine/dryrun.py)."""
+    from reproduce.engine import dryrun
+
+    paths = dryrun.recipe_files() if all_recipes else [Path(r) for r in recipes]
+    if distinct:
+        paths = dryrun.distinct(paths)
+    if not paths:
+        raise click.UsageError("name recipe files, or pass --all")
+    sys.exit(_report_dry_runs(paths, use_cache=not no_cache))
+
+
 @click.group()
 def engine_main():
     """The engine's commands alone (what torchrun runs in each process)."""
@@ -158,6 +203,7 @@ def engine_main():
 
 engine_main.add_command(train_command)
 engine_main.add_command(eval_command)
+engine_main.add_command(dry_run_command)
 
 if __name__ == "__main__":
     engine_main()

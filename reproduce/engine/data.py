@@ -75,23 +75,30 @@ def _posterize_keeping_zero_bits():
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_size: int, crop_pct: float):
-    from timm.data import create_dataset, create_transform
+def build_transform(data_cfg: dict, is_training: bool, img_size: int, crop_pct: float):
+    """The papers' train transform (RandAugment, random erasing, ...), or their eval transform:
+    resize to img_size / crop_pct, centre crop img_size."""
+    from timm.data import create_transform
+
+    if is_training:
+        _posterize_keeping_zero_bits()
+        return create_transform(
+            img_size, is_training=True, no_aug=data_cfg.get("no_aug", False), auto_augment=data_cfg.get("auto_augment"),
+            color_jitter=data_cfg.get("color_jitter", 0.4), re_prob=data_cfg.get("re_prob", 0.0),
+            re_mode=data_cfg.get("re_mode", "pixel"),
+            interpolation=data_cfg.get("train_interpolation", data_cfg.get("interpolation", "bicubic")))
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct,
+                            interpolation=data_cfg.get("interpolation", "bicubic"))
+
+
+def build_dataset(data_cfg: dict, root: str, split: str, is_training: bool, img_size: int, crop_pct: float,
+                  transform=None):
+    from timm.data import create_dataset
 
     if not data_cfg.get("dataset"):
         _check_folder(root, split)
     dataset = create_dataset(data_cfg.get("dataset", ""), root=root, split=split, is_training=is_training)
-    if is_training:
-        _posterize_keeping_zero_bits()
-        transform = create_transform(
-            img_size, is_training=True, no_aug=data_cfg.get("no_aug", False), auto_augment=data_cfg.get("auto_augment"),
-            color_jitter=data_cfg.get("color_jitter", 0.4), re_prob=data_cfg.get("re_prob", 0.0),
-            interpolation=data_cfg.get("train_interpolation", data_cfg.get("interpolation", "bicubic")))
-    else:
-        # the papers' eval transform: resize to img_size / crop_pct, centre crop img_size
-        transform = create_transform(img_size, is_training=False, crop_pct=crop_pct,
-                                     interpolation=data_cfg.get("interpolation", "bicubic"))
-    dataset.transform = transform
+    dataset.transform = transform or build_transform(data_cfg, is_training, img_size, crop_pct)
     return dataset
 
 

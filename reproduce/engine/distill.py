@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reproduce.engine import EngineError
+from reproduce.engine import EngineError, _show, recipe_field
 
 
 def load_state(path, what: str) -> dict:
@@ -47,18 +47,47 @@ def load_into(model: nn.Module, path, what: str) -> None:
     model.load_state_dict(state)
 
 
-def build_teacher(cfg: dict, num_classes: int, what: str, scale: str) -> nn.Module:
-    """A frozen teacher in eval mode. Full runs need its checkpoint; smoke runs may use random
-    weights (`checkpoint: null` in the recipe's smoke section)."""
-    name = cfg.get("model")
-    if name not in timm.list_models(name):
-        raise EngineError(f"{what} model {name!r} is not a timm model (is it implemented in riformer/?)")
-    teacher = timm.create_model(name, num_classes=num_classes, **cfg.get("kwargs", {}))
+def create_model(recipe: dict, where: str, name: str, num_classes: int, kwargs: dict,
+                 constructor: str | None = None) -> nn.Module:
+    """A model of the recipe (the student at `model`, a teacher at `distill.teacher` ...); a bad
+    name or a keyword argument the model does not take is a one-line error naming the field."""
+    name_field = f"{where}.name" if where == "model" else f"{where}.model"
+    if constructor:
+        with recipe_field(recipe, f"{where}.constructor"):
+            cls = _constructor(constructor)
+        with recipe_field(recipe, f"{where}.kwargs"):
+            return cls(num_classes=num_classes, **kwargs)
+    if not name or name not in timm.list_models(name):
+        raise EngineError(f"{_show(recipe['path'])}: field `{name_field}`: {name!r} is not a timm model "
+                          "(is it implemented in riformer/?)")
+    with recipe_field(recipe, where):
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def _constructor(dotted: str):
+    """`riformer.vig.PyramidViG`: a model class of the suite or of timm (recipes/smoke_teachers.yaml)."""
+    import importlib
+
+    module, _, attr = dotted.rpartition(".")
+    if not module.startswith(("riformer.", "timm.")):
+        raise EngineError(f"constructor {dotted!r} must be a class in riformer.* or timm.*")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_teacher(recipe: dict, where: str, num_classes: int, what: str, random_ok: bool) -> nn.Module:
+    """A frozen teacher in eval mode. Full runs need its checkpoint; smoke runs and dry runs may use
+    random weights (`checkpoint: null` in the recipe's smoke section; a dry run without the file)."""
+    from reproduce.engine.recipe import get
+
+    cfg = get(recipe, where) or {}
+    teacher = create_model(recipe, where, cfg.get("model"), num_classes, cfg.get("kwargs", {}), cfg.get("constructor"))
     checkpoint = cfg.get("checkpoint")
-    if checkpoint:
-        load_into(teacher, checkpoint, what)
-    elif scale == "full":
-        raise EngineError(f"{what} {name} needs trained weights: set `checkpoint:` in the recipe")
+    if checkpoint and not (random_ok and recipe["scale"] == "full" and not Path(checkpoint).is_file()):
+        with recipe_field(recipe, f"{where}.checkpoint"):
+            load_into(teacher, checkpoint, what)
+    elif not random_ok:
+        raise EngineError(f"{_show(recipe['path'])}: {what} {cfg.get('model')} needs trained weights: "
+                          f"set `{where}.checkpoint:` in the recipe")
     teacher.requires_grad_(False)
     return teacher.eval()
 

@@ -217,18 +217,20 @@ def check_teacher_fits(recipe: dict, student: nn.Module, teacher: nn.Module) -> 
                                            "patches); or set frd.teacher_blocks: uniform for a foreign teacher")
 
 
-def build(recipe: dict, student: nn.Module, num_classes: int) -> FeatureRecalibrationDistillation:
-    """The FRD objective of a recipe: checks, teachers (frozen), initialization of the student."""
-    cfg, scale = recipe["frd"], recipe["scale"]
+def build(recipe: dict, student: nn.Module, num_classes: int, random_ok: bool = False) -> FeatureRecalibrationDistillation:
+    """The FRD objective of a recipe: checks, teachers (frozen), initialization of the student.
+    `random_ok`: teachers without their checkpoint file get random weights (smoke runs, dry runs)."""
+    cfg = recipe["frd"]
+    random_ok = random_ok or recipe["scale"] != "full"
     check_terms(recipe, student)
-    teacher = build_teacher(cfg["teacher"], num_classes, "FRD teacher", scale)
+    teacher = build_teacher(recipe, "frd.teacher", num_classes, "FRD teacher", random_ok)
     check_teacher_fits(recipe, student, teacher)
     cnn_teacher = None
     if cfg.get("lambda_hard", 0.0):
-        cnn_teacher = build_teacher(cfg["cnn_teacher"], num_classes, "CNN teacher (L_hard)", scale)
+        cnn_teacher = build_teacher(recipe, "frd.cnn_teacher", num_classes, "CNN teacher (L_hard)", random_ok)
     if recipe["model"].get("init_from") == "teacher":
         init = recipe["model"].get("init_teacher")
-        source = build_teacher(init, num_classes, "initial teacher", scale) if init else teacher
+        source = build_teacher(recipe, "model.init_teacher", num_classes, "initial teacher", random_ok) if init else teacher
         init_student(student, source, (init or cfg["teacher"])["model"])
     return FeatureRecalibrationDistillation(recipe, student, teacher, cnn_teacher)
 

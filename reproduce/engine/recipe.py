@@ -1,12 +1,17 @@
 """Training recipes: YAML data with `base:` inheritance and a `smoke:` section for tiny runs.
 
 A recipe names a base recipe (`base: ../base.yaml`, relative to the recipe's own folder) whose
-keys it overrides, merged recursively. `load_recipe(path, scale="smoke")` also merges the
-recipe's `smoke:` section on top: the only place where a smoke run differs from a full one.
+keys it overrides, merged recursively. A model's `kwargs` belong to that model: a section that
+names another model (`model.name`, a teacher's `model`) starts from its own kwargs, not the base's.
+`load_recipe(path, scale="smoke")` also merges the recipe's `smoke:` section on top: the only
+place where a smoke run differs from a full one, except two rules that keep a smoke run the row's
+own: the imitation epochs scale with the epochs (so Table 4's rows stay distinct), and logit
+teachers are built at the reduced shape `recipes/smoke_teachers.yaml` gives their family.
 """
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -21,7 +26,8 @@ class RecipeError(EngineError):
 # Every field a recipe may set, with its type(s); a nested dict is a section. `None` in a tuple
 # means the field may be null.
 _NUM = (int, float)
-_TEACHER = {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict}
+_TEACHER = {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict,
+            "constructor": (str, type(None))}  # a model class built with kwargs (smoke_teachers.yaml)
 SCHEMA = {
     "description": str,
     "seed": int,
@@ -48,6 +54,7 @@ SCHEMA = {
         "auto_augment": (str, type(None)),
         "color_jitter": _NUM,
         "re_prob": _NUM,
+        "re_mode": str,                     # random erasing fill: pixel (DeiT's and timm train.py's) | const
         "mixup": _NUM,
         "cutmix": _NUM,
         "mixup_switch_prob": _NUM,
@@ -85,9 +92,10 @@ SCHEMA = {
     "imitation": {                          # module imitation (Eq. 5-9; Tables 4, 5, 7, 9)
         "enabled": bool,
         "scheme": str,                      # none | feature_distillation (lambda out = rel = 0) | module_imitation
-        "teacher": {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs": dict},
+        "teacher": _TEACHER,
         "layers": list,                     # block indices (depth order) imitated
         "lambda_times_batch": {"in_norm": _NUM, "in": _NUM, "out": _NUM, "rel": _NUM},
+        "lambda_reading": str,              # how Table 10's "lambda x batch size" becomes lambda (imitation.py)
         "epochs": {"feat": int, "rel": int},  # L'_in and L_out stop after `feat`, L_rel after `rel`
     },
     "frd": {                                # SiT feature recalibration distillation (engine/frd.py)
@@ -111,14 +119,22 @@ SCHEMA = {
     },
 }
 CHOICES = {"amp": {"bf16", "fp16", "off"}, "distill.type": {"none", "soft", "hard"},
+           "data.re_mode": {"pixel", "const", "rand"},
            "imitation.scheme": {"none", "feature_distillation", "module_imitation"},
+           "imitation.lambda_reading": {"as_printed", "divided_by_batch", "times_batch"},
            "frd.teacher_blocks": {"same", "uniform"}}
+
+
+MODEL_KEYS = ("name", "model")  # what names the model of a section with `kwargs` (student, teachers)
 
 
 def merge(base: dict, override: dict) -> dict:
     """Recursive dict merge: `override`'s leaves win, dicts merge, lists are replaced. A dict with
-    `_replace: true` replaces instead of merging (e.g. another teacher's kwargs in a smoke section)."""
+    `_replace: true` replaces instead of merging (e.g. another teacher's kwargs in a smoke section),
+    and a section whose override names another model drops the base's `kwargs` (they were that model's)."""
     out = copy.deepcopy(base)
+    if any(k in override and k in base and override[k] != base[k] for k in MODEL_KEYS):
+        out.pop("kwargs", None)
     for key, value in override.items():
         if isinstance(value, dict) and value.get("_replace"):
             out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "_replace"}
@@ -213,6 +229,37 @@ def _check_objectives(recipe: dict, path: Path) -> None:
         raise RecipeError(f"{path}: field `model.init_from` is teacher but frd is not enabled")
 
 
+def _scale_imitation_epochs(recipe: dict, smoke: dict, full_epochs) -> None:
+    """At smoke scale the imitation epochs follow the row: scaled by smoke epochs / full epochs,
+    rounded half up, a non-zero count kept at one or more (unless the smoke section sets them)."""
+    epochs = get(recipe, "imitation.epochs")
+    if not isinstance(epochs, dict) or get(smoke, "imitation.epochs") is not None or not full_epochs:
+        return
+    ratio = recipe["epochs"] / full_epochs
+    for key, value in epochs.items():
+        if isinstance(value, int) and value > 0:
+            epochs[key] = max(1, math.floor(value * ratio + 0.5))
+
+
+SMOKE_TEACHERS = Path(__file__).resolve().parents[2] / "recipes" / "smoke_teachers.yaml"
+
+
+def _reduce_logit_teacher(recipe: dict, smoke: dict) -> None:
+    """At smoke scale the logit teacher is the row's own, at its family's reduced shape."""
+    teacher = get(recipe, "distill.teacher")
+    if not isinstance(teacher, dict) or not teacher.get("model"):
+        return
+    reduced = (yaml.safe_load(SMOKE_TEACHERS.read_text()) or {}).get(teacher["model"])
+    if not reduced:
+        return
+    kwargs = dict(reduced.get("kwargs", {}))
+    if "img_size" in kwargs:
+        kwargs["img_size"] = recipe["data"]["img_size"]
+    teacher["kwargs"] = {**teacher.get("kwargs", {}), **kwargs, **(get(smoke, "distill.teacher.kwargs") or {})}
+    if reduced.get("constructor"):
+        teacher.setdefault("constructor", reduced["constructor"])
+
+
 def load_recipe(path, scale: str = "full") -> dict:
     """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"`, validate.
 
@@ -225,7 +272,10 @@ def load_recipe(path, scale: str = "full") -> dict:
     smoke = recipe.pop("smoke", {}) or {}
     _validate(smoke, SCHEMA, "smoke.", path)  # checked at every scale, so typos show up early
     if scale == "smoke":
+        full_epochs = recipe.get("epochs")
         recipe = merge(recipe, smoke)
+        _scale_imitation_epochs(recipe, smoke, full_epochs)
+        _reduce_logit_teacher(recipe, smoke)
     _validate(recipe, SCHEMA, "", path)
     _check_imitation_scheme(recipe, path)
     _check_objectives(recipe, path)

@@ -19,15 +19,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import riformer  # noqa: F401  (registers the suite's models; must precede timm's torchvision import)
-import timm
-from riformer.deploy import deploy, has_deploy_form
+from riformer.deploy import deploy, has_deploy_form, is_deployed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from reproduce.engine import EngineError, checkpoint, distributed, frd, token_labeling
-from reproduce.engine.data import build_dataset, build_mixup, eval_loader, make_generated_dataset, train_loader
-from reproduce.engine.distill import ClassificationLoss, build_teacher, init_from_teacher, load_into, load_state
+from reproduce.engine import EngineError, checkpoint, distributed, frd, recipe_field, token_labeling
+from reproduce.engine.data import (build_dataset, build_mixup, build_transform, eval_loader, make_generated_dataset,
+                                  train_loader)
+from reproduce.engine.distill import (ClassificationLoss, build_teacher, create_model, init_from_teacher, load_into,
+                                     load_state)
 from reproduce.engine.evaluate import autocast, check_classes, evaluate
 from reproduce.engine.imitation import ModuleImitation
 
@@ -65,23 +66,33 @@ def check_token_mixer(model, expected: str | None, path: str) -> None:
 
 def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     run = SimpleNamespace(recipe=recipe, ctx=ctx, output=output, epoch=0, step=0)
-    cfg_data, num_classes = recipe["data"], recipe["model"]["num_classes"]
-    amp = recipe.get("amp", "off") if ctx.device.type == "cuda" else "off"
-    run.amp = amp
+    run.amp = recipe.get("amp", "off") if ctx.device.type == "cuda" else "off"
+    build_data(run, data)
+    build_models(run)
+    build_optimization(run)
+    return run
 
-    # --- data: each process takes batch_size / world images per step
+
+def build_data(run, data: str | None) -> None:
+    """Loaders: each process takes batch_size / world images per step."""
+    recipe, ctx = run.recipe, run.ctx
+    cfg_data, num_classes = recipe["data"], recipe["model"]["num_classes"]
     if recipe["batch_size"] % ctx.world:
         raise EngineError(f"batch_size {recipe['batch_size']} does not split over {ctx.world} processes "
                           f"({recipe['path']})")
     per_process = recipe["batch_size"] // ctx.world
-    root = run.data_root = resolve_data(recipe, data, output, ctx)
+    root = run.data_root = resolve_data(recipe, data, run.output, ctx)
     img_size, crop_pct = cfg_data["img_size"], cfg_data.get("crop_pct", 0.9)
-    train_set = build_dataset(cfg_data, root, cfg_data.get("train_split", "train"), True, img_size, crop_pct)
-    val_set = build_dataset(cfg_data, root, cfg_data.get("val_split", "validation"), False, img_size, crop_pct)
+    with recipe_field(recipe, "data"):
+        transforms = build_transform(cfg_data, True, img_size, crop_pct), build_transform(cfg_data, False, img_size, crop_pct)
+    train_set = build_dataset(cfg_data, root, cfg_data.get("train_split", "train"), True, img_size, crop_pct,
+                              transforms[0])
+    val_set = build_dataset(cfg_data, root, cfg_data.get("val_split", "validation"), False, img_size, crop_pct,
+                            transforms[1])
     for dataset in (train_set, val_set):
         check_classes(dataset, num_classes, root, f"recipe {recipe['path']} (model.num_classes)")
     if recipe.get("token_labeling", {}).get("enabled"):  # LV-ViT teachers: the images with their label maps
-        train_set = token_labeling.build_dataset(recipe, train_set, output, ctx)
+        train_set = token_labeling.build_dataset(recipe, train_set, run.output, ctx)
     workers = cfg_data.get("workers", 8)
     run.train_loader = train_loader(train_set, per_process, workers, ctx.rank, ctx.world, recipe.get("seed", 0),
                                     cfg_data.get("repeated_aug", False))
@@ -89,66 +100,79 @@ def build(recipe: dict, data: str | None, output: Path, ctx) -> SimpleNamespace:
     if len(run.train_loader) == 0:
         raise EngineError(f"data {root} has fewer training images ({len(train_set)}) than one batch")
     run.steps_per_epoch = min(len(run.train_loader), recipe.get("steps_per_epoch") or len(run.train_loader))
-    run.mixup = build_mixup(cfg_data, num_classes)
+    with recipe_field(recipe, "data"):
+        run.mixup = build_mixup(cfg_data, num_classes)
 
-    # --- models: the student, then the teachers (frozen, eval mode)
+
+def build_models(run, allow_random_teachers: bool = False) -> None:
+    """The student, then the teachers (frozen, eval mode). The dry run allows random teachers."""
+    recipe, ctx = run.recipe, run.ctx
+    num_classes = recipe["model"]["num_classes"]
     seed_everything(recipe.get("seed", 0))  # the same initial weights in every process
-    model = timm.create_model(recipe["model"]["name"], num_classes=num_classes, **recipe["model"].get("kwargs", {}))
+    model = create_model(recipe, "model", recipe["model"]["name"], num_classes, recipe["model"].get("kwargs", {}))
     distill, imitate = recipe.get("distill", {}), recipe.get("imitation", {})
+    random_ok = allow_random_teachers or recipe["scale"] != "full"
     run.teacher = None
     if distill.get("type", "none") != "none":
-        run.teacher = build_teacher(distill["teacher"], num_classes, "distillation teacher", recipe["scale"])
+        run.teacher = build_teacher(recipe, "distill.teacher", num_classes, "distillation teacher", random_ok)
     run.imitation_teacher = None
     if imitate.get("enabled"):
-        run.imitation_teacher = build_teacher(imitate["teacher"], num_classes, "imitation teacher", recipe["scale"])
+        run.imitation_teacher = build_teacher(recipe, "imitation.teacher", num_classes, "imitation teacher", random_ok)
     run.objective = None  # SiT: FRD (students) or token labeling (LV-ViT teachers) replaces the logit loss
     if recipe.get("frd", {}).get("enabled"):
-        run.objective = frd.build(recipe, model, num_classes)  # also init_from: teacher
+        run.objective = frd.build(recipe, model, num_classes, random_ok)  # also init_from: teacher
     elif recipe.get("token_labeling", {}).get("enabled"):
         run.objective = token_labeling.TokenLabeling(recipe, model)
     init_from = recipe["model"].get("init_from")
-    if init_from == "imitation_teacher":
-        if run.imitation_teacher is None:
-            raise EngineError(f"{recipe['path']}: model.init_from is imitation_teacher but imitation is off")
-        init_from_teacher(model, run.imitation_teacher)
-    elif init_from and init_from != "teacher":
-        if hasattr(model, "student_only_prefixes"):  # a SiT checkpoint must hold its TSMs
-            frd.check_student_checkpoint(model, load_state(init_from, "initial"), init_from)
-        load_into(model, init_from, "initial")
+    with recipe_field(recipe, "model.init_from"):
+        if init_from == "imitation_teacher":
+            if run.imitation_teacher is None:
+                raise EngineError("model.init_from is imitation_teacher but imitation is off")
+            init_from_teacher(model, run.imitation_teacher)
+        elif init_from and init_from != "teacher" and not (allow_random_teachers and not Path(init_from).is_file()):
+            if hasattr(model, "student_only_prefixes"):  # a SiT checkpoint must hold its TSMs
+                frd.check_student_checkpoint(model, load_state(init_from, "initial"), init_from)
+            load_into(model, init_from, "initial")
     check_token_mixer(model, recipe["model"].get("token_mixer"), recipe["path"])
     model.to(ctx.device)
     for teacher in (run.teacher, run.imitation_teacher, run.objective):
         if teacher is not None:
             teacher.to(ctx.device)
     run.model = model
-    train_module = run.objective.train_module if run.objective is not None else model  # what DDP wraps
+    run.train_module = run.objective.train_module if run.objective is not None else model  # what DDP wraps
 
-    # --- optimization: lr scaled with the global batch, cosine per step after a warmup
+
+def build_optimization(run) -> None:
+    """Optimizer (lr scaled with the global batch), per-step cosine schedule after a warmup, AMP
+    scaler, EMA, the logit loss, module imitation's hooks, and the DDP wrapper."""
+    recipe, ctx, model = run.recipe, run.ctx, run.model
     opt = recipe["optimizer"]
     lr = opt["lr_base"] * recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
     extra = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items() if k in ("eps", "betas")}
     params = model
     if opt.get("recalibration_lr_base") is not None:  # SiT Sec. 4.1: the recalibration branch's own lr
-        params = frd.param_groups(train_module, lr, lr * opt["recalibration_lr_base"] / opt["lr_base"],
+        params = frd.param_groups(run.train_module, lr, lr * opt["recalibration_lr_base"] / opt["lr_base"],
                                   opt.get("weight_decay", 0.0))
-    run.optimizer = create_optimizer_v2(params, opt=opt["name"], lr=lr, weight_decay=opt.get("weight_decay", 0.0),
-                                        **extra)
+    with recipe_field(recipe, "optimizer.name"):
+        run.optimizer = create_optimizer_v2(params, opt=opt["name"], lr=lr,
+                                            weight_decay=opt.get("weight_decay", 0.0), **extra)
     sched = recipe.get("schedule", {})
-    run.scheduler, run.total_epochs = create_scheduler_v2(
-        run.optimizer, sched=sched.get("name", "cosine"), num_epochs=recipe["epochs"],
-        warmup_epochs=sched.get("warmup_epochs", 0), warmup_lr=sched.get("warmup_lr", 1e-6),
-        min_lr=sched.get("min_lr", 0.0), cooldown_epochs=sched.get("cooldown_epochs", 0),
-        step_on_epochs=False, updates_per_epoch=run.steps_per_epoch)
-    run.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(amp == "fp16"))
+    with recipe_field(recipe, "schedule.name"):
+        run.scheduler, run.total_epochs = create_scheduler_v2(
+            run.optimizer, sched=sched.get("name", "cosine"), num_epochs=recipe["epochs"],
+            warmup_epochs=sched.get("warmup_epochs", 0), warmup_lr=sched.get("warmup_lr", 1e-6),
+            min_lr=sched.get("min_lr", 0.0), cooldown_epochs=sched.get("cooldown_epochs", 0),
+            step_on_epochs=False, updates_per_epoch=run.steps_per_epoch)
+    run.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(run.amp == "fp16"))
     decay = recipe.get("ema", {}).get("decay", 0)
     run.ema = ModelEmaV3(model, decay=decay) if decay > 0 else None  # before the imitation hooks exist
-    run.criterion = ClassificationLoss(distill, cfg_data.get("label_smoothing", 0.0))
+    run.criterion = ClassificationLoss(recipe.get("distill", {}), recipe["data"].get("label_smoothing", 0.0))
     run.imitation = None
     if run.imitation_teacher is not None:
-        run.imitation = ModuleImitation(model, run.imitation_teacher, imitate, recipe["batch_size"])
-    run.ddp = (DistributedDataParallel(train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-               if ctx.distributed else train_module)
-    return run
+        run.imitation = ModuleImitation(model, run.imitation_teacher, recipe["imitation"], recipe["batch_size"],
+                                        where=recipe["path"])
+    run.ddp = (DistributedDataParallel(run.train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda"
+                                       else None) if ctx.distributed else run.train_module)
 
 
 def save_checkpoint(run) -> None:
@@ -197,7 +221,7 @@ def training_step(run, images, targets) -> dict:
                 with torch.no_grad():
                     teacher_logits = run.teacher(images)
             loss = run.criterion(logits, targets, teacher_logits)
-            terms = {}
+            terms = {"logit_loss": loss.item()} if run.imitation is not None else {}
         if run.imitation is not None:
             with torch.no_grad():
                 run.imitation_teacher(images)  # fills the teacher's hooked features
@@ -257,6 +281,39 @@ def trim_log(run) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+FOLD_TOLERANCE = 1e-3       # max |logit difference| / max |logit|, float32: a fold is exact or it is wrong
+TOP1_TOLERANCE = 0.1        # points: bf16 evaluation may flip the odd image whose top-2 logits tie
+
+
+@torch.no_grad()
+def fold_error(model, folded, images) -> float:
+    """max |logit difference| / max |logit| of the trained and folded forms, in float32, eval mode."""
+    trained, deployed = model.eval()(images).float(), folded.eval()(images).float()
+    return ((trained - deployed).abs().max() / trained.abs().max().clamp_min(1e-12)).item()
+
+
+def deploy_form(run, metrics: dict):
+    """The final model folded (riformer.deploy) and evaluated: (folded model or None, the two top-1s).
+
+    A fold that changes the function beyond float noise fails the run: the logits of both forms on
+    one validation batch in float32, and the two top-1s over the whole split, must agree."""
+    if not has_deploy_form(run.model):
+        return None, {"top1_train": metrics["top1"], "top1_deploy": metrics["top1"], "deploy_form": False}
+    if all(is_deployed(m) for m in run.model.modules() if callable(getattr(m, "switch_to_deploy", None))):
+        return run.model, {"top1_train": metrics["top1"], "top1_deploy": metrics["top1"], "deploy_form": True,
+                           "fold_error": 0.0}  # trained in its deploy form (Table 1's identity rows)
+    folded = deploy(copy.deepcopy(run.model).eval())
+    error = fold_error(run.model, folded, next(iter(run.val_loader))[0][:8].to(run.ctx.device))
+    top1 = evaluate(folded, run.val_loader, run.ctx, run.amp)["top1"]
+    failed = distributed.sum_across(run.ctx, float(error > FOLD_TOLERANCE))[0]
+    if failed or abs(top1 - metrics["top1"]) > TOP1_TOLERANCE:
+        raise EngineError(f"the folded model does not compute what the trained one does (relative logit error "
+                          f"{error:.2e}, top-1 {metrics['top1']:.2f} trained vs {top1:.2f} folded): the fold of "
+                          f"{type(run.model).__name__} is not exact; {run.output / 'model.pt'} is kept")
+    return folded, {"top1_train": metrics["top1"], "top1_deploy": top1, "deploy_form": True,
+                    "fold_error": error}
+
+
 def finish(run, metrics: dict, info: dict) -> dict:
     """Save the final model in its train and deploy forms, then the cell's result.json."""
     result = {**{k: info[k] for k in ("table", "row", "column") if k in info},
@@ -267,8 +324,10 @@ def finish(run, metrics: dict, info: dict) -> dict:
         result["teacher_top1"] = info["teacher_top1"]
     if run.ctx.is_main:
         checkpoint.save_torch(run.model.state_dict(), run.output / "model.pt")
-        if has_deploy_form(run.model):
-            folded = deploy(copy.deepcopy(run.model).eval())
+    folded, forms = deploy_form(run, metrics)  # both forms evaluated; an inexact fold fails here
+    result.update(forms)
+    if run.ctx.is_main:
+        if folded is not None:
             checkpoint.save_torch(folded.state_dict(), run.output / "model_deploy.pt")
         if run.ema is not None:
             checkpoint.save_torch(run.ema.module.state_dict(), run.output / "model_ema.pt")
@@ -310,6 +369,8 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
                 if ctx.is_main:
                     progress.console.print(f"epoch {run.epoch}/{run.total_epochs}  loss {losses['loss']:.4f}  "
                                            f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}")
+        if math.isnan(metrics["top1"]):  # resumed after the last epoch: evaluate what the checkpoint holds
+            metrics = evaluate(run.model, run.val_loader, ctx, run.amp)
         return finish(run, metrics, info)
     finally:
         distributed.teardown(ctx)
