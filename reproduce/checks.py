@@ -1,51 +1,220 @@
-"""What the suite covers of each table, and whether committed results still hold.
+"""What the suite covers of each table, and whether results still hold.
 
-`check_results` is what `reproduce diff` and CI run: it recomputes every cell's status from the
-reference and the recorded measurement, so a planted or drifted number shows up as a *new*
-mismatch; mismatches already recorded (and explained in their notes) are accepted.
+`reproduce list` counts a printed cell as coverable only when the path that fills it works here
+(`table_coverage`): its model builds, its setting resolves from a model or a recipe, its recipe
+builds its models (`recipe_runs`) or its released weights are known (`released_weights`).
+
+`reproduce diff` (`check_results`) judges a results file three ways:
+1. against the reference and the spec: every measured cell's status is recomputed from its value
+   and range, and a cell outside tolerance passes only if the spec declares it as an accepted
+   deviation (with that status and, for exact cells, that value);
+2. against the committed results of the same device (git): params, MACs, settings and accuracy
+   must not move at all, a throughput gain's range must still overlap the accepted one;
+3. with `remeasure`, against a fresh measurement: params and MACs of every row, and the table's
+   guard gains (`guards:` in its spec) timed again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import timm
 
-from reproduce import report
+from reproduce import files, measure, report
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table, table_ids
-from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
+from reproduce.runner import (CACHE_DIR, RESULTS_DIR, MeasurementCache, TableRun, source_fingerprint,
+                              write_results)
 
 STATIC = ("params", "macs")
+COVERAGE_KINDS = ("static", "throughput", "accuracy", "setting")
+EXACT_KINDS = ("params", "macs", "setting", "accuracy")  # a value that must not move between runs
 
 
-def table_coverage(spec) -> dict[str, str]:
-    """Per column kind: how many printed cells the suite can measure here / in all; and results."""
-    known = set(timm.list_models())
-    kinds = {c.id: c.kind for c in spec.columns.values()}
-    total, can = Counter(), Counter()
-    for ref in spec.reference.itertuples():
-        kind = kinds[ref.column]
-        if kind in DERIVED_KINDS:
-            kind = spec.columns[spec.columns[ref.column].of].kind
-        kind = "static" if kind in STATIC else kind
-        row = spec.rows[ref.row]
-        total[kind] += 1
-        if kind == "setting":
-            can[kind] += bool((spec.columns[ref.column].source or row.source)) and not row.cited
-        elif kind == "accuracy":
-            recipe = spec.recipe_of(row.id, ref.column)
-            can[kind] += bool(recipe and (RECIPES / recipe).exists())  # given ImageNet
-        else:
-            can[kind] += bool(row.model in known and not row.cited and not row.pending)
-    cov = {k: (f"{can[k]}/{total[k]}" if total[k] else "–") for k in ("static", "throughput", "accuracy", "setting")}
-    files = results_files([spec.id])
-    if files:
-        statuses = Counter(report.read_results(files[0])["status"])
-        cov["results"] = " ".join(f"{statuses[s]}{report.STATUS_MARK[s][0]}" for s in report.STATUSES
-                                  if statuses[s])
-    else:
-        cov["results"] = "none"
-    return cov
+# ---------------------------------------------------------------------------------------------
+# Does a path work here? Each answer is cached on disk under .cache/coverage, keyed by what it
+# depends on and the code fingerprint, so a second `reproduce list` is quick.
+
+def _coverage_dir() -> Path:
+    return Path(CACHE_DIR).parent / "coverage"
+
+
+def _cached(what: str, payload, check) -> tuple[bool, str]:
+    key = json.dumps({"what": what, "payload": payload, "code": source_fingerprint()}, sort_keys=True, default=str)
+    path = _coverage_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
+    try:
+        ok, why = json.loads(path.read_text())["answer"]
+        return bool(ok), str(why)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    ok, why = check()
+    files.atomic_write_text(path, json.dumps({"key": key, "answer": [ok, why]}))
+    return ok, why
+
+
+def _build(name: str, kwargs: dict, form: str = "train"):
+    """A model at full size: on the meta device where its construction allows, else for real."""
+    try:
+        return measure.build_model(name, kwargs, form, meta=True)
+    except (NotImplementedError, RuntimeError) as e:
+        if isinstance(e, measure.MeasureError):
+            raise
+        return measure.build_model(name, kwargs, form)
+
+
+def model_builds(name: str | None, kwargs: dict | None = None, form: str = "train") -> tuple[bool, str]:
+    """(True, "") if `timm.create_model(name, **kwargs)` builds in `form`, else (False, why)."""
+    if not name or name not in timm.list_models():
+        return False, f"model not implemented: {name}"
+
+    def check():
+        try:
+            _build(name, kwargs or {}, form)
+            return True, ""
+        except Exception as e:  # any failure is the answer
+            return False, f"{type(e).__name__}: {e}"
+
+    return _cached("model", [name, kwargs or {}, form], check)
+
+
+def recipe_runs(recipe_path) -> tuple[bool, str]:
+    """Whether a training recipe works here: it loads (full scale), and its student and every teacher
+    it trains with build at full size with `timm.create_model` (no weights are loaded), the student
+    with the token mixer the recipe names. Returns (ok, the reason when not).
+
+    The lead connects this to the dry run (`reproduce train ... --dry-run`) when it lands."""
+    from reproduce.engine import EngineError
+    from reproduce.engine.recipe import load_recipe as engine_load_recipe
+    from reproduce.engine.train import check_token_mixer
+
+    try:
+        recipe = engine_load_recipe(Path(recipe_path))
+    except EngineError as e:
+        return False, str(e)
+    content = {k: v for k, v in recipe.items() if k not in ("path", "scale")}
+
+    def check():
+        model, classes = recipe["model"], recipe["model"]["num_classes"]
+        wanted = [("student", model["name"], model.get("kwargs") or {})]
+        distill, imitation = recipe.get("distill") or {}, recipe.get("imitation") or {}
+        if distill.get("type", "none") != "none":
+            wanted.append(("distillation teacher", distill["teacher"].get("model"), distill["teacher"].get("kwargs") or {}))
+        if imitation.get("enabled"):
+            wanted.append(("imitation teacher", imitation["teacher"].get("model"), imitation["teacher"].get("kwargs") or {}))
+        for role, name, kwargs in wanted:
+            if not name or name not in timm.list_models():
+                return False, f"{role} {name!r} is not a timm model"
+            try:
+                built = _build(name, {"num_classes": classes, **kwargs})
+                if role == "student":
+                    check_token_mixer(built, model.get("token_mixer"), str(recipe_path))
+            except Exception as e:  # the reason is the answer
+                return False, f"{role} {name} does not build: {type(e).__name__}: {e}"
+        return True, ""
+
+    return _cached("recipe", content, check)
+
+
+def released_weights(spec, row_id: str, column_id: str) -> bool:
+    """Whether released weights for this accuracy cell are in the weights manifest.
+
+    False until the manifest (recipes/weights.yaml, reproduce/weights.py) lands; the lead connects it."""
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage (`reproduce list`)
+
+def _kind(spec, column_id: str) -> str:
+    column = spec.columns[column_id]
+    kind = spec.columns[column.of].kind if column.kind in DERIVED_KINDS else column.kind
+    return "static" if kind in STATIC else kind
+
+
+def _operands(spec, row, column) -> list[tuple[str, str]]:
+    """The measured cells behind a cell: itself, or the two a derived column combines."""
+    if column.kind not in DERIVED_KINDS:
+        return [(row.id, column.id)]
+    over = (row.id, column.over) if column.over else (row.baseline, column.of) if row.baseline else None
+    return [(row.id, column.of)] + ([over] if over else [])
+
+
+def _cell_coverable(spec, run: TableRun, row_id: str, column_id: str, operand: bool = False) -> bool:
+    """Whether the path that fills this cell works here; `operand`: the cell is only an input of a
+    derived cell (a gain needs its throughputs measured, not comparable)."""
+    row, column = spec.rows[row_id], spec.columns[column_id]
+    if row.cited:
+        return False
+    kind = _kind(spec, column_id)
+    if kind == "setting":
+        try:
+            return not run.setting_value(row, column)[2]  # declared values cover nothing
+        except Exception:  # pending: not resolvable here
+            return False
+    if column.kind in DERIVED_KINDS:
+        operands = _operands(spec, row, column)
+        return len(operands) == 2 and all(_cell_coverable(spec, run, r, c, operand=True) for r, c in operands)
+    if kind == "accuracy":
+        recipe = spec.recipe_of(row_id, column_id)
+        return bool(recipe and recipe_runs(RECIPES / recipe)[0]) or released_weights(spec, row_id, column_id)
+    if row.pending:
+        return False
+    target = run.target(row, column)
+    if kind == "throughput" and (run.protocol_spec is None or (not operand and not run.on_paper_device())):
+        return False  # absolute images/s compare only on the paper's device
+    return model_builds(target.model, json.loads(target.kwargs), target.form)[0]
+
+
+def _inputs_digest(spec) -> str:
+    """What a table's coverage depends on besides the code: its spec, reference and every recipe."""
+    digest = hashlib.sha1()
+    for path in [spec.spec_path, *sorted(RECIPES.rglob("*.yaml"))]:
+        if path and path.exists():
+            digest.update(path.read_bytes())
+    digest.update(spec.reference.to_csv(index=False).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Coverage:
+    """Per kind (static, throughput, accuracy, setting): printed cells coverable here, and all."""
+    can: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    statuses: Counter | None = None     # of the last results on this device; None: no results
+
+    def text(self, kind: str) -> str:
+        return f"{self.can[kind]}/{self.total[kind]}" if self.total[kind] else "–"
+
+    def results_text(self) -> str:
+        if self.statuses is None:
+            return "none"
+        return " ".join(f"{self.statuses[s]}{report.STATUS_MARK[s] if s != 'cited' else 'c'}"
+                        for s in report.STATUSES if self.statuses[s])
+
+
+def table_coverage(spec, device: str = "cpu", results_dir: Path | None = None) -> Coverage:
+    def count():
+        run = TableRun(spec, device, show_progress=False)
+        can, total = Counter(), Counter()
+        for ref in spec.reference.itertuples():
+            if ref.reported in NOT_REPORTED:
+                continue
+            kind = _kind(spec, ref.column)
+            total[kind] += 1
+            can[kind] += _cell_coverable(spec, run, ref.row, ref.column)
+        return True, json.dumps({"can": can, "total": total})
+
+    _, counted = _cached("coverage", [spec.id, device, measure.device_tag(device), _inputs_digest(spec)], count)
+    numbers = json.loads(counted)
+    coverage = Coverage(Counter(numbers["can"]), Counter(numbers["total"]))
+    path = Path(results_dir or RESULTS_DIR) / measure.device_tag(device) / f"{spec.id}.csv"
+    if path.exists():
+        coverage.statuses = Counter(report.read_results(path)["status"])
+    return coverage
 
 
 def results_files(ids: list[str] | None, results_dir: Path | None = None) -> list[Path]:
@@ -57,38 +226,21 @@ def results_files(ids: list[str] | None, results_dir: Path | None = None) -> lis
     return files
 
 
-def check_results(path: Path, remeasure: bool = False) -> tuple[list[str], list[str]]:
-    """(problems, warnings) of one results CSV against its table's reference."""
-    problems, warnings = [], []
-    try:
-        spec = load_table(path.stem)
-        frame = report.read_results(path)
-    except (RegistryError, ValueError) as e:
-        return [str(e)], []
-    recorded = {(r.row, r.column): r for r in frame.itertuples()}
-    for ref in spec.reference.itertuples():
-        cell = recorded.get((ref.row, ref.column))
-        if cell is None and ref.reported in NOT_REPORTED:
-            continue
-        if cell is None:
-            problems.append(f"{ref.row}/{ref.column}: no result line (run `reproduce table {spec.id}`)")
-            continue
-        if cell.reported != ref.reported:
-            problems.append(f"{ref.row}/{ref.column}: reported {cell.reported!r} but the reference says "
-                            f"{ref.reported!r} (re-run the table)")
-            continue
-        if not cell.measured or cell.status in ("pending", "cited"):
-            continue
-        column = spec.columns[ref.column]
-        status, _ = report.compare(ref.reported, _number(cell.measured), spec.tolerance(column), column.kind)
-        if status == "mismatch" and cell.status != "mismatch":
-            problems.append(f"{ref.row}/{ref.column}: new mismatch: reported {ref.reported}, measured "
-                            f"{cell.measured} (recorded as {cell.status})")
-        elif status != cell.status:
-            warnings.append(f"{ref.row}/{ref.column}: recorded {cell.status}, recomputed {status}")
-    if remeasure:
-        problems += _remeasure_static(spec, recorded)
-    return problems, warnings
+# ---------------------------------------------------------------------------------------------
+# `reproduce diff`
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)   # each fails the diff
+    moved: list[str] = field(default_factory=list)      # cells that moved within what is accepted
+    warnings: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)   # moves accepted by --update
+    baseline: str = ""                                   # what the results were compared with
+
+
+def _spread(cell) -> tuple[float, float] | None:
+    low, high = report.parse_number(cell.low), report.parse_number(cell.high)
+    return (low[0], high[0]) if low and high else None
 
 
 def _number(text: str):
@@ -96,17 +248,164 @@ def _number(text: str):
     return parsed[0] if parsed else text
 
 
-def _remeasure_static(spec, recorded) -> list[str]:
-    """Params and MACs are deterministic: measure them again and compare with what was recorded."""
-    run = TableRun(spec, "cpu", kinds=set(STATIC), cache=MeasurementCache(enabled=False), show_progress=False)
-    fresh = run.run()
-    problems = []
-    for cell in fresh.itertuples():
-        if spec.columns[cell.column].kind not in STATIC or not cell.measured:
+def _shown(cell, status: bool = True) -> str:
+    """A cell's value with its range (and status): '+19.4 [+18.2, +22.4] within_tolerance'."""
+    spread = f" [{cell.low}, {cell.high}]" if cell.low else ""
+    return f"{cell.measured or '(nothing)'}{spread}" + (f" {cell.status}" if status else "")
+
+
+def reference_problems(spec, frame: pd.DataFrame, device_tag: str, complete: bool = True) -> tuple[list, list]:
+    """(problems, warnings) of results cells against the reference and the spec's deviations."""
+    problems, warnings = [], []
+    recorded = {(r.row, r.column): r for r in frame.itertuples()}
+    for ref in spec.reference.itertuples():
+        name = f"{ref.row}/{ref.column}"
+        cell = recorded.get((ref.row, ref.column))
+        if cell is None:
+            if complete and ref.reported not in NOT_REPORTED:
+                problems.append(f"{name}: no result line (run `reproduce table {spec.id}`)")
             continue
-        old = recorded.get((cell.row, cell.column))
-        if old is None or not old.measured:
-            problems.append(f"{cell.row}/{cell.column}: now measures {cell.measured}, nothing recorded")
-        elif old.measured != cell.measured:
-            problems.append(f"{cell.row}/{cell.column}: drifted from {old.measured} to {cell.measured}")
-    return problems
+        if cell.reported != ref.reported:
+            problems.append(f"{name}: reported {cell.reported!r} but the reference says {ref.reported!r} "
+                            "(re-run the table)")
+            continue
+        column = spec.columns[ref.column]
+        deviation = spec.deviation(ref.row, ref.column, device_tag)
+        status = cell.status
+        if cell.measured and status in report.MEASURED_STATUSES:
+            spread = _spread(cell) if column.kind in ("gain", "ratio") else None
+            status, _ = report.compare(ref.reported, _number(cell.measured), spec.tolerance(column), column.kind,
+                                       spread=spread)
+            if status != cell.status:
+                problems.append(f"{name}: recorded {cell.status}, but reported {ref.reported} and measured "
+                                f"{_shown(cell, False)} give {status} (edited by hand, or re-run the table)")
+        if status not in report.MEASURED_STATUSES:
+            if deviation and status == "pending" and cell.measured == "":
+                warnings.append(f"{name}: the spec declares a {deviation.status} here, but the cell is {status}")
+            continue
+        if deviation is None:
+            if status == "mismatch":
+                problems.append(f"{name}: undeclared mismatch: reported {ref.reported}, measured {_shown(cell, False)}; "
+                                f"fix the cause, or declare it under `deviations:` of row {ref.row} in "
+                                f"{spec.spec_path.name} with the reason")
+        elif status != deviation.status:
+            problems.append(f"{name}: the spec declares a {deviation.status}, but it is {status} now "
+                            f"(measured {_shown(cell, False)}); update the deviation in {spec.spec_path.name}")
+        elif not deviation.holds_value(cell.measured):
+            problems.append(f"{name}: the spec's deviation expects {deviation.measured}, measured "
+                            f"{cell.measured} ({_delta(deviation.measured, cell.measured)}); the value moved")
+    return problems, warnings
+
+
+def _delta(old: str, new: str) -> str:
+    a, b = report.parse_number(old), report.parse_number(new)
+    return f"{b[0] - a[0]:+.4g}" if a and b else "changed"
+
+
+def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str) -> tuple[list, list]:
+    """(failures, moves) of `new` cells against `accepted` ones of the same device: exact kinds
+    must not move, gains must keep overlapping ranges, a measured cell must stay measured."""
+    failures, moves = [], []
+    old_cells = {(r.row, r.column): r for r in accepted.itertuples()}
+    for cell in new.itertuples():
+        old = old_cells.get((cell.row, cell.column))
+        if old is None or cell.column not in spec.columns or cell.row not in spec.rows:
+            continue
+        column = spec.columns[cell.column]
+        kind = spec.columns[column.of].kind if column.kind in DERIVED_KINDS else column.kind
+        name = f"{cell.row}/{cell.column}"
+        if not old.measured:
+            if cell.measured and cell.status != old.status:
+                moves.append(f"{name}: newly measured: {_shown(cell)} (was {old.status})")
+            continue
+        if not cell.measured:
+            failures.append(f"{name}: measured {_shown(old)} in {what}, now {cell.status}: {cell.note[:160]}")
+            continue
+        if kind in EXACT_KINDS or column.kind == "difference":
+            if cell.measured != old.measured:
+                failures.append(f"{name}: moved from {old.measured} to {cell.measured} "
+                                f"({_delta(old.measured, cell.measured)}) since {what}")
+            continue
+        if column.kind in ("gain", "ratio"):
+            a, b = _spread(old), _spread(cell)
+            if a and b and (b[1] < a[0] or b[0] > a[1]):
+                failures.append(f"{name}: moved from {_shown(old)} to {_shown(cell)} "
+                                f"({_delta(old.measured, cell.measured)}): its range no longer overlaps the one in {what}")
+            elif cell.measured != old.measured or cell.status != old.status:
+                how = "ranges overlap" if a and b else f"no range in {what} to compare"
+                moves.append(f"{name}: {_shown(old)} → {_shown(cell)} ({_delta(old.measured, cell.measured)}; {how})")
+    return failures, moves
+
+
+def committed_results(path: Path, ref: str = "HEAD") -> tuple[pd.DataFrame | None, str]:
+    """The version of a results file committed at git `ref`, and a line saying what it is."""
+    folder = path.resolve().parent
+    try:
+        top = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        relative = path.resolve().relative_to(top).as_posix()
+        shown = subprocess.run(["git", "-C", top, "show", f"{ref}:{relative}"], capture_output=True, text=True)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None, "no committed results to compare with (not in a git checkout)"
+    if shown.returncode:
+        return None, f"no committed results to compare with ({relative} is not in {ref})"
+    try:
+        return report.read_results(path, text=shown.stdout), f"the results committed at {ref}"
+    except ValueError as e:
+        return None, f"the results committed at {ref} do not read ({e})"
+
+
+def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", update: bool = False,
+                  device: str = "cpu", show_progress: bool = False) -> Findings:
+    """Everything `reproduce diff` says about one results CSV (see the module docstring)."""
+    found = Findings()
+    try:
+        spec = load_table(path.stem)
+        frame = report.read_results(path)
+    except (RegistryError, ValueError) as e:
+        found.problems.append(str(e))
+        return found
+    device_tag = path.parent.name
+    found.problems, found.warnings = reference_problems(spec, frame, device_tag)
+    for row in spec.rows.values():
+        for column_id in row.deviations:
+            if not (spec.reference[(spec.reference.row == row.id) & (spec.reference.column == column_id)]).size:
+                found.warnings.append(f"{row.id}/{column_id}: a deviation is declared for a cell the paper does not print")
+
+    accepted, found.baseline = committed_results(path, against)
+    if accepted is not None:
+        failures, moves = compare_with(spec, accepted, frame, found.baseline)
+        found.moved += moves
+        (found.accepted if update else found.problems).extend(failures)
+
+    if remeasure:
+        fresh, meta = _remeasure(spec, device, device_tag, show_progress)
+        if fresh is not None:
+            failures, moves = compare_with(spec, frame, fresh, "the results file")
+            problems, _ = reference_problems(spec, fresh, device_tag, complete=False)
+            found.problems += [f"re-measured {p}" for p in problems]
+            found.moved += [f"re-measured {m}" for m in moves]
+            if update:
+                found.accepted += failures
+                write_results(spec, fresh, path, meta, merge=True)
+            else:
+                found.problems += failures
+    return found
+
+
+def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
+    """Params and MACs of every row, and (on the device the results are from) the guard gains,
+    measured afresh without the cache."""
+    cache = MeasurementCache(enabled=False)
+    static = TableRun(spec, device, kinds=set(STATIC), cache=cache, show_progress=show_progress)
+    frames = [static.run()]
+    meta = static.meta()
+    if spec.guards and measure.device_tag(device) == device_tag:
+        guards = TableRun(spec, device, kinds={"throughput"}, cache=cache, show_progress=show_progress,
+                          only=set(spec.guards))
+        frames.append(guards.run())
+        meta = guards.meta()
+    fresh = pd.concat(frames, ignore_index=True)
+    kinds = {c.id: (spec.columns[c.of].kind if c.kind in DERIVED_KINDS else c.kind) for c in spec.columns.values()}
+    keep = [kinds[c] in STATIC or (r, c) in spec.guards for r, c in zip(fresh.row, fresh.column)]
+    return fresh[keep].reset_index(drop=True), meta

@@ -2,7 +2,7 @@
 
     reproduce list                         every table and what the suite covers of it
     reproduce table riformer-6             measure a table, write results/<device>/riformer-6.{csv,md}
-    reproduce diff riformer-6              check results against the reference (exit 1 on a new mismatch)
+    reproduce diff riformer-6              results vs reference, declared deviations and committed results
     reproduce all-tables                   every table at this machine's scale
     reproduce bench riformer_s12 ...       ad-hoc throughput with the same harness
     reproduce plan --all                   what the pending accuracy cells cost to fill (estimates)
@@ -22,7 +22,7 @@ import riformer  # noqa: F401  (torchvision shim and model registration before a
 from reproduce import measure
 from reproduce.registry import RegistryError, load_table, resolve_table_id, table_ids
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 out = Console()
 
 COLUMN_CHOICES = {"params", "macs", "throughput", "accuracy", "settings"}
@@ -78,24 +78,78 @@ def main():
     """Reproduce RIFormer, RePaFormer and SiT table by table, and say where each number stands."""
 
 
-@main.command("list")
-def list_tables():
-    """Every table, its source and how much of it the suite can fill."""
-    from reproduce.checks import table_coverage
+LIST_LEGEND = ("a/b: printed cells whose path works here / all printed cells of that kind. A cell counts when its "
+               "model builds, its setting is read from a model or a recipe (not only declared in the spec), its "
+               "recipe builds its student and teachers (or its released weights are known); absolute images/s "
+               "count only on the paper's device. results: statuses of the last run on this device "
+               "(✓ match, ≈ within tolerance, ✗ mismatch, ◇ declared, … pending, c cited).")
 
-    grid = Table("table", "paper", "static", "throughput", "accuracy", "settings", "results", "title",
-                 caption="a/b: printed cells the suite can fill here / all printed cells of that kind; "
-                         "results: statuses of the last run (✓ match ≈ within tolerance ✗ mismatch … pending c cited)")
-    grid.columns[-1].no_wrap, grid.columns[-1].overflow, grid.columns[-1].max_width = True, "ellipsis", 36
-    for table_id in table_ids():
-        try:
-            spec = load_table(table_id)
-        except RegistryError as e:
-            grid.add_row(table_id, "", "", "", "", "", "", f"[red]{e}[/]")
-            continue
-        cov = table_coverage(spec)
-        grid.add_row(table_id, f"{spec.paper} T{spec.number}", cov["static"], cov["throughput"],
-                     cov["accuracy"], cov["setting"], cov["results"], spec.title)
+
+@main.command("list")
+@click.option("--format", "fmt", type=click.Choice(["auto", "table", "md", "csv"]), default="auto", show_default=True,
+              help="auto: a table on a terminal, Markdown when piped")
+@click.option("--device", default="cpu", show_default=True, help="coverage and results of this device")
+@click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)")
+def list_tables(fmt, device, results_dir):
+    """Every table and how much of it the suite can fill here (the first call builds each model once)."""
+    from rich.progress import Progress
+
+    from reproduce.checks import COVERAGE_KINDS, table_coverage
+
+    device = _device(device)
+    lines = []
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("coverage", total=len(table_ids()))
+        for table_id in table_ids():
+            progress.update(task, description=f"coverage · {table_id}")
+            try:
+                spec = load_table(table_id)
+                lines.append((table_id, spec, table_coverage(spec, device, results_dir)))
+            except RegistryError as e:
+                lines.append((table_id, None, str(e)))
+            progress.advance(task)
+    if fmt == "auto":
+        fmt = "table" if out.is_terminal else "md"
+    headers = ["table", "static", "throughput", "accuracy", "settings", "results", "title"]
+
+    def row(table_id, spec, cov):
+        if spec is None:
+            return [table_id, "", "", "", "", "error", cov]
+        return [table_id, *(cov.text(k) for k in COVERAGE_KINDS), cov.results_text(), spec.title]
+
+    if fmt == "csv":
+        import csv
+
+        from reproduce import report
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["table", "paper", "number", "title", *(f"{k}{end}" for k in COVERAGE_KINDS
+                                                                for end in ("_covered", "_total")),
+                         *report.STATUSES])
+        for table_id, spec, cov in lines:
+            if spec is None:
+                writer.writerow([table_id, "", "", cov])
+                continue
+            writer.writerow([table_id, spec.paper, spec.number, spec.title,
+                             *(n for k in COVERAGE_KINDS for n in (cov.can[k], cov.total[k])),
+                             *((cov.statuses or {}).get(s, 0) for s in report.STATUSES)])
+        return
+    if fmt == "md":
+        from tabulate import tabulate
+
+        click.echo(tabulate([row(*line) for line in lines], headers=headers, tablefmt="github"))
+        click.echo("\n" + LIST_LEGEND)
+        return
+    from rich import box
+
+    wide = out.width >= 120
+    grid = Table(*(headers if wide else headers[:-1]), box=box.SIMPLE_HEAD, pad_edge=False, caption=LIST_LEGEND,
+                 caption_justify="left")
+    if wide:
+        grid.columns[-1].overflow, grid.columns[-1].no_wrap = "ellipsis", True
+    for line in lines:
+        cells = row(*line)
+        grid.add_row(*(cells if wide else cells[:-1]))
     out.print(grid)
 
 
@@ -230,11 +284,18 @@ def _device(device: str) -> str:
 
 @main.command()
 @click.argument("table_ids", nargs=-1)
-@click.option("--all", "all_results", is_flag=True, help="every table with committed results, every device")
+@click.option("--all", "all_results", is_flag=True, help="every table with results, every device")
 @click.option("--results-dir", type=click.Path(path_type=Path))
-@click.option("--remeasure", is_flag=True, help="also measure params and MACs again and compare")
-def diff(table_ids, all_results, results_dir, remeasure):
-    """Check results against the reference; exit 1 on a new mismatch, drift or a missing result."""
+@click.option("--remeasure", is_flag=True,
+              help="also measure params and MACs again and time each table's guard gains again (CI)")
+@click.option("--update", is_flag=True,
+              help="accept the cells that moved as the new baseline (with --remeasure: write the new "
+                   "measurement into the results file); commit the file to record it")
+@click.option("--against", default="HEAD", show_default=True,
+              help="git revision whose committed results are the baseline")
+def diff(table_ids, all_results, results_dir, remeasure, update, against):
+    """Check results against the reference, the spec's accepted deviations and the committed results;
+    exit 1 on an undeclared mismatch, a moved number, a missing result."""
     from reproduce.checks import check_results, results_files
 
     if not table_ids and not all_results:
@@ -246,14 +307,22 @@ def diff(table_ids, all_results, results_dir, remeasure):
                          f"{(ids or ['<id>'])[0]}` first")
     failed = False
     for path in files:
-        problems, warnings = check_results(path, remeasure=remeasure)
-        for w in warnings:
-            console.print(f"[yellow]warning[/] {path.parent.name}/{path.name}: {w}", highlight=False)
-        for p in problems:
-            console.print(f"[red]FAIL[/] {path.parent.name}/{path.name}: {p}", highlight=False)
-        if not problems:
-            console.print(f"[green]ok[/] {path.parent.name}/{path.name}", highlight=False)
-        failed |= bool(problems)
+        name = f"{path.parent.name}/{path.name}"
+        found = check_results(path, remeasure=remeasure, against=against, update=update,
+                              show_progress=console.is_terminal)
+        for w in found.warnings:
+            console.print(f"[yellow]warning[/] {name}: {w}", highlight=False)
+        for m in found.moved:
+            console.print(f"[cyan]moved[/] {name}: {m}", highlight=False)
+        for a in found.accepted:
+            console.print(f"[cyan]accepted[/] {name}: {a}", highlight=False)
+        for p in found.problems:
+            console.print(f"[red]FAIL[/] {name}: {p}", highlight=False)
+        if not found.problems:
+            console.print(f"[green]ok[/] {name} (reference, declared deviations; {found.baseline})", highlight=False)
+        if found.accepted:
+            console.print(f"[cyan]accepted[/] {name}: commit it to make it the baseline", highlight=False)
+        failed |= bool(found.problems)
     sys.exit(1 if failed else 0)
 
 

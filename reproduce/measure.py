@@ -66,17 +66,20 @@ def attention_through_sdpa():
 
 
 def build_model(name: str, model_kwargs: dict | None = None, form: str = "train",
-                for_counting: bool = False) -> nn.Module:
+                for_counting: bool = False, meta: bool = False) -> nn.Module:
     """Create `name` from the timm registry in eval mode, folded into its deploy form if asked.
 
     `for_counting` routes all attention through SDPA (see `attention_through_sdpa`); timing uses
-    each model's own default attention implementation.
+    each model's own default attention implementation. `meta` builds the full-size structure on
+    the meta device (no memory, no initialization): enough to read its architecture or to know
+    that it builds, in a fraction of a second even for ViT-H.
     """
     if name is None or name not in timm.list_models():
         raise ModelNotImplemented(f"model not implemented: {name}")
     if form not in FORMS:
         raise MeasureError(f"unknown form '{form}'; choose from {', '.join(FORMS)}")
-    with attention_through_sdpa() if for_counting else contextlib.nullcontext():
+    with attention_through_sdpa() if for_counting else contextlib.nullcontext(), \
+            torch.device("meta") if meta else contextlib.nullcontext():
         model = timm.create_model(name, pretrained=False, **(model_kwargs or {})).eval()
     if form != "train":
         if not has_deploy_form(model):
@@ -154,6 +157,59 @@ def architecture(model: nn.Module) -> dict:
     return {"embed_dim": widths[0] if one else list(widths),
             "depth": depths[0] if one else list(depths),
             "num_heads": "n/a" if heads[0] is None else heads[0] if one else list(heads)}
+
+
+def _metaformer_blocks(model: nn.Module) -> list[list]:
+    """[width, blocks, token-mixer class names] per stage of a MetaFormer (a block has norm2 and mlp;
+    RIFormer's deploy block has no token mixer left)."""
+    stages: list[list] = []
+    for block in (m for m in model.modules() if hasattr(m, "norm2") and hasattr(m, "mlp")):
+        width = getattr(block.norm2, "num_channels", None) or getattr(block.norm2, "normalized_shape", [None])[0]
+        mixer = type(block.token_mixer).__name__ if hasattr(block, "token_mixer") else "none"
+        if stages and stages[-1][0] == width:
+            stages[-1][1] += 1
+            stages[-1][2].add(mixer)
+        else:
+            stages.append([width, 1, {mixer}])
+    if not stages:
+        raise MeasureError(f"{type(model).__name__}: no MetaFormer blocks (norm2 and mlp) to compare")
+    return stages
+
+
+def removed_from(model: nn.Module, reference: nn.Module) -> str:
+    """What `model` removes from the MetaFormer `reference` (RIFormer Table 8's "Type"): depth
+    (fewer blocks), width (narrower stages), token_mixer (blocks without one), or none."""
+    mine, theirs = _metaformer_blocks(model), _metaformer_blocks(reference)
+    removed = []
+    if len(mine) != len(theirs) or any(a[1] < b[1] for a, b in zip(mine, theirs)):
+        removed.append("depth")
+    if any(a[0] < b[0] for a, b in zip(mine, theirs)):
+        removed.append("width")
+    if all(stage[2] == {"none"} for stage in mine) and any(stage[2] != {"none"} for stage in theirs):
+        removed.append("token_mixer")
+    return "+".join(removed) or "none"
+
+
+def input_size(model: nn.Module) -> tuple[int, str]:
+    """The input resolution a built model is made for, and where it was read: its patch embedding's
+    fixed image size if it has one, else the resolution of its timm config."""
+    embed_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if embed_size:
+        return int(embed_size[0] if isinstance(embed_size, (tuple, list)) else embed_size), "its patch embedding"
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("input_size"):
+        return int(cfg["input_size"][-1]), "its timm config (input_size)"
+    raise MeasureError(f"{type(model).__name__} has neither a fixed-size patch embedding nor a timm config")
+
+
+def idle_ratio(model: nn.Module) -> float:
+    """RePaFormer's idle ratio θ, read off the model's channel-idle FFNs (one value for the model)."""
+    from riformer.repa import ChannelIdleFFN
+
+    ratios = {round(m.idle_ratio, 6) for m in model.modules() if isinstance(m, ChannelIdleFFN)}
+    if len(ratios) != 1:
+        raise MeasureError(f"{type(model).__name__}: idle ratios {sorted(ratios)}; expected one value")
+    return ratios.pop()
 
 
 # ---------------------------------------------------------------------------------------------

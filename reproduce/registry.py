@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,10 +47,40 @@ class ColumnSpec:
     over_row: str | None = None    # gain/ratio: "baseline" = the same column in the row's baseline
     model_from: str | None = None  # measure the model named in this row field (e.g. teacher)
     derive_reported: bool = False  # gain/ratio the paper does not print: computed from printed operands
-    source: str | None = None      # setting: where the value comes from
+    source: str | list | None = None  # setting: where the value is read (a list: the first that resolves)
     values: dict | None = None     # setting: value -> printed form
     recipe: str | None = None      # setting: recipe used for every row of this column (Table 10)
     note: str = ""
+
+
+DEVIATION_STATUSES = ("mismatch", "within_tolerance")
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A cell the spec accepts outside (or at the edge of) its tolerance, and why.
+
+    `reproduce diff` passes a cell outside tolerance only when its row declares it here, with the
+    status it must have, the reason (written into the cell's note) and, for cells that are exact
+    (params, MACs, settings), the value it must measure, so a moved number fails as well."""
+    status: str
+    reason: str
+    measured: str | None = None    # the value expected, as text; None for noisy cells (gains)
+    device: str | None = None      # device-tag prefix it holds on (cpu, cuda-...); None: every device
+
+    def applies_to(self, device_tag: str) -> bool:
+        return self.device is None or device_tag.startswith(self.device)
+
+    def holds_value(self, measured: str) -> bool:
+        """Whether a measured value is the declared one at the declared precision."""
+        if self.measured is None:
+            return True
+        from reproduce.report import _norm_text, parse_number
+
+        want, got = parse_number(self.measured), parse_number(measured)
+        if want and got:
+            return abs(got[0] - want[0]) <= 0.5 * 10 ** -want[1] + 1e-12
+        return _norm_text(self.measured) == _norm_text(measured)
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,7 @@ class RowSpec:
     cell_notes: dict = field(default_factory=dict)
     source: str | None = None      # setting source shared by the row's cells (Table 10)
     values: dict | None = None
+    deviations: dict = field(default_factory=dict)  # {column: Deviation}: accepted, with the reason
     settings: dict = field(default_factory=dict)   # any other field: settings the columns can read
 
 
@@ -84,12 +115,18 @@ class TableSpec:
     rows: dict[str, RowSpec]
     reference: pd.DataFrame = field(repr=False, compare=False)
     spec_path: Path = field(repr=False, compare=False, default=None)
+    guards: tuple = ()             # (row, column) gains `reproduce diff --remeasure` times again (CI)
 
     def columns_of_kind(self, *kinds: str) -> list[ColumnSpec]:
         return [c for c in self.columns.values() if c.kind in kinds]
 
     def tolerance(self, column: ColumnSpec) -> float | None:
         return column.tolerance if column.tolerance is not None else DEFAULT_TOLERANCE[column.kind]
+
+    def deviation(self, row_id: str, column_id: str, device_tag: str) -> Deviation | None:
+        """The accepted deviation of this cell on this device, if the spec declares one."""
+        found = self.rows[row_id].deviations.get(column_id)
+        return found if found and found.applies_to(device_tag) else None
 
     # One run per accuracy cell: which recipe trains it and which run folder holds its result.
     def recipe_of(self, row_id: str, column_id: str) -> str | None:
@@ -122,7 +159,9 @@ class TableSpec:
 
 _ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "settings")}
 _COLUMN_FIELDS = {f for f in ColumnSpec.__dataclass_fields__ if f != "id"}
-_TABLE_FIELDS = {"id", "paper", "number", "title", "protocol", "columns", "rows", "defaults", "notes"}
+_TABLE_FIELDS = {"id", "paper", "number", "title", "protocol", "columns", "rows", "defaults", "notes", "reasons",
+                 "guards", "deviations"}
+_DEVIATION_FIELDS = {"status", "reason", "measured", "device"}
 
 
 def _sort_key(table_id: str):
@@ -172,8 +211,30 @@ def _column(path, cid, data) -> ColumnSpec:
     return ColumnSpec(id=cid, **data)
 
 
-def _row(path, rid, data, defaults) -> RowSpec:
+def _deviations(path, rid, data, reasons) -> dict:
+    """A row's `deviations: {column: {status, reason, measured, device}}`; `reason` may name an
+    entry of the spec's `reasons:` (one text shared by many cells)."""
+    if not isinstance(data, dict):
+        _fail(path, f"row '{rid}' has deviations {data!r}; expected a mapping {{column: {{status, reason, ...}}}}")
+    out = {}
+    for cid, dev in data.items():
+        where = f"row '{rid}', deviation of '{cid}'"
+        _check_fields(path, where, dev, _DEVIATION_FIELDS)
+        if dev.get("status") not in DEVIATION_STATUSES:
+            _fail(path, f"{where} has status {dev.get('status')!r}; expected one of {DEVIATION_STATUSES}")
+        reason = reasons.get(dev.get("reason"), dev.get("reason"))
+        if not isinstance(reason, str) or not reason.strip():
+            _fail(path, f"{where} needs a `reason:` (text, or a key of the spec's `reasons:`)")
+        measured = dev.get("measured")
+        out[cid] = Deviation(status=dev["status"], reason=" ".join(reason.split()),
+                             measured=None if measured is None else str(measured), device=dev.get("device"))
+    return out
+
+
+def _row(path, rid, data, defaults, reasons) -> RowSpec:
     merged = {**defaults, **(data or {})}
+    if "deviations" in merged:
+        merged["deviations"] = _deviations(path, rid, merged["deviations"] or {}, reasons)
     known = {k: v for k, v in merged.items() if k in _ROW_FIELDS}
     settings = {k: v for k, v in merged.items() if k not in _ROW_FIELDS}
     if known.get("form", "train") not in ("train", "deploy"):
@@ -217,7 +278,18 @@ def load_table(table_id: str) -> TableSpec:
         _fail(path, f"paper {data['paper']!r}; expected one of {PAPERS}")
     columns = {cid: _column(path, cid, c) for cid, c in data["columns"].items()}
     defaults = data.get("defaults") or {}
-    rows = {rid: _row(path, rid, r, defaults) for rid, r in data["rows"].items()}
+    reasons = data.get("reasons") or {}
+    if not isinstance(reasons, dict):
+        _fail(path, "`reasons:` must be a mapping {name: text}")
+    rows = {rid: _row(path, rid, r, defaults, reasons) for rid, r in data["rows"].items()}
+    # `deviations: {row: {column: ...}}` at the top level of a spec: the same as in each row
+    table_deviations = data.get("deviations") or {}
+    if not isinstance(table_deviations, dict):
+        _fail(path, "`deviations:` must be a mapping {row: {column: {status, reason, ...}}}")
+    for rid, devs in table_deviations.items():
+        if rid not in rows:
+            _fail(path, f"`deviations:` names row '{rid}', which is not a row")
+        rows[rid] = replace(rows[rid], deviations={**rows[rid].deviations, **_deviations(path, rid, devs, reasons)})
     for row in rows.values():
         if row.baseline and row.baseline not in rows:
             _fail(path, f"row '{row.id}' has baseline '{row.baseline}', which is not a row")
@@ -227,6 +299,14 @@ def load_table(table_id: str) -> TableSpec:
         for cid in row.recipes:
             if cid not in columns or columns[cid].kind != "accuracy":
                 _fail(path, f"row '{row.id}' names a recipe for '{cid}', which is not an accuracy column")
+        for cid in row.deviations:
+            if cid not in columns:
+                _fail(path, f"row '{row.id}' declares a deviation of '{cid}', which is not a column")
+    guards = tuple(tuple(str(g).split("/", 1)) for g in data.get("guards") or ())
+    for guard in guards:
+        if len(guard) != 2 or guard[0] not in rows or guard[1] not in columns \
+                or columns[guard[1]].kind not in DERIVED_KINDS:
+            _fail(path, f"guard {'/'.join(guard)!r} must be 'row/column' of a gain or ratio column")
     for col in columns.values():
         for ref_col in (col.of, col.over):
             if ref_col and ref_col not in columns:
@@ -240,7 +320,7 @@ def load_table(table_id: str) -> TableSpec:
         _fail(path, f"columns in the reference CSV but not in the spec: {missing_cols}")
     return TableSpec(id=table_id, paper=data["paper"], number=int(data["number"]), title=data["title"],
                      protocol=data.get("protocol"), columns=columns, rows=rows, reference=reference,
-                     spec_path=path)
+                     spec_path=path, guards=guards)
 
 
 def _with_derived_references(ref: pd.DataFrame, columns: dict, rows: dict) -> pd.DataFrame:

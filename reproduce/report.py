@@ -1,10 +1,11 @@
 """The one report writer: cell statuses, the long results CSV and the paper-shaped Markdown.
 
 The results CSV is a contract (docs/architecture.md): one line per cell,
-`table,row,model,column,reported,measured,unit,delta,status,note`.
+`table,row,model,column,reported,measured,low,high,unit,delta,status,note`.
 """
 from __future__ import annotations
 
+import io
 import math
 import re
 from decimal import ROUND_HALF_UP, Decimal
@@ -15,9 +16,14 @@ from tabulate import tabulate
 
 from reproduce.files import atomic_write_text
 
-RESULT_COLUMNS = ["table", "row", "model", "column", "reported", "measured", "unit", "delta", "status", "note"]
-STATUSES = ("match", "within_tolerance", "mismatch", "pending", "cited")
-STATUS_MARK = {"match": "✓", "within_tolerance": "≈", "mismatch": "✗", "pending": "…", "cited": "cited"}
+RESULT_COLUMNS = ["table", "row", "model", "column", "reported", "measured", "low", "high", "unit", "delta",
+                  "status", "note"]
+# declared: a setting whose value only the spec gives (nothing reads it from a model or recipe), so
+# it is never a `match`; the cell says what the spec declares.
+STATUSES = ("match", "within_tolerance", "mismatch", "declared", "pending", "cited")
+STATUS_MARK = {"match": "✓", "within_tolerance": "≈", "mismatch": "✗", "declared": "◇", "pending": "…",
+               "cited": "cited"}
+MEASURED_STATUSES = ("match", "within_tolerance", "mismatch")
 
 _MINUS = str.maketrans({"−": "-", "–": "-", "×": "x"})
 
@@ -73,8 +79,13 @@ def coarser_printing(reported: str, measured: float) -> str | None:
     return None
 
 
-def compare(reported: str, measured, tolerance: float | None, kind: str) -> tuple[str, float | None]:
-    """Status and delta (measured - reported) of one cell."""
+def compare(reported: str, measured, tolerance: float | None, kind: str,
+            spread: tuple[float, float] | None = None) -> tuple[str, float | None]:
+    """Status and delta (measured - reported) of one cell.
+
+    `spread` is the (low, high) range of a noisy value (a throughput gain over its timing rounds):
+    the cell is within tolerance when any of the range reaches the tolerance band around the printed
+    value, and a mismatch only when the whole range lies outside it (docs/benchmarking.md)."""
     ref = parse_number(reported)
     if kind == "setting":
         got = parse_number(measured) if not isinstance(measured, (int, float)) else (float(measured), 0)
@@ -89,13 +100,23 @@ def compare(reported: str, measured, tolerance: float | None, kind: str) -> tupl
         return "match", delta
     if tolerance is not None and (abs(delta) <= tolerance + 1e-9 or coarser_printing(reported, float(measured))):
         return "within_tolerance", delta
+    if tolerance is not None and spread is not None:
+        low, high = min(spread), max(spread)
+        if low <= value + tolerance + 1e-9 and high >= value - tolerance - 1e-9:
+            return "within_tolerance", delta
     return "mismatch", delta
 
 
+EXACT_DECIMALS = 6  # params in M to the parameter, MACs in G to the thousand: a changed model shows
+
+
 def format_measured(value, reported: str, kind: str = "") -> str:
-    """Measured numbers carry two more decimals than the printed value, so rounding is visible."""
+    """Measured numbers carry two more decimals than the printed value, so rounding is visible;
+    params and MACs carry six, so that `reproduce diff` sees any change in a model."""
     if isinstance(value, str) or kind == "setting":
         return f"{value:g}" if isinstance(value, float) else str(value)
+    if kind in ("params", "macs"):
+        return f"{value:.{EXACT_DECIMALS}f}"
     ref = parse_number(reported)
     decimals = (ref[1] if ref else 1) + 2
     return f"{value:.{decimals}f}"
@@ -113,15 +134,22 @@ def format_delta(delta: float | None, reported: str) -> str:
 
 
 def cells_frame(cells: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(cells, columns=RESULT_COLUMNS).fillna("")
+    frame = pd.DataFrame(cells, columns=RESULT_COLUMNS, dtype=object).fillna("")
     bad = set(frame["status"]) - set(STATUSES)
     if bad:
         raise ValueError(f"unknown status(es) {sorted(bad)}")
     return frame
 
 
-def read_results(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+PREVIOUS_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("low", "high")]  # the contract before ranges
+
+
+def read_results(path: Path, text: str | None = None) -> pd.DataFrame:
+    """A results CSV (or its `text`, e.g. a committed version); files of the previous contract,
+    without the low/high columns, read with those columns empty."""
+    frame = pd.read_csv(io.StringIO(text) if text is not None else path, dtype=str, keep_default_na=False)
+    if list(frame.columns) == PREVIOUS_COLUMNS:
+        frame = frame.reindex(columns=RESULT_COLUMNS, fill_value="")
     if list(frame.columns) != RESULT_COLUMNS:
         raise ValueError(f"{path}: header must be {','.join(RESULT_COLUMNS)}")
     return frame
@@ -149,6 +177,8 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
             text = cell.reported or "–"
             if cell.measured:
                 text += f" → {cell.measured}"
+            if cell.low and spec.columns[column].kind in ("gain", "ratio"):
+                text += f" ({cell.low}…{cell.high})"
             text += f" {STATUS_MARK[cell.status]}"
             if cell.note:
                 text += f" [{notes.setdefault(cell.note, len(notes) + 1)}]"
@@ -158,8 +188,9 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
     summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
     out = [f"# {spec.id}: {spec.title}", "",
            f"Paper: {spec.paper}, Table {spec.number}. Cells: {summary}.",
-           "Each cell reads `reported → measured mark`; marks: ✓ match at the printed precision, "
-           "≈ within tolerance, ✗ mismatch, … pending, cited.", ""]
+           "Each cell reads `reported → measured (range over timing rounds) mark`; marks: ✓ match at the "
+           "printed precision, ≈ within tolerance, ✗ mismatch, ◇ declared (only the spec gives the value), "
+           "… pending, cited.", ""]
     if meta:
         out += ["| run | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
     out += [tabulate(lines, headers=header, tablefmt="github"), ""]

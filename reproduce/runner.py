@@ -76,6 +76,14 @@ def _dig(data, dotted: str):
     return data
 
 
+class SourceDoesNotApply(KeyError):
+    """A setting source that this row lacks (no recipe): the next source of the list is tried."""
+
+
+class RecipeDoesNotRun(KeyError):
+    """A recipe-sourced setting whose recipe does not build its models: the cell stays pending."""
+
+
 @dataclass(frozen=True)
 class Target:
     """What one measured cell measures: a model in a form at a size (hashable, for grouping)."""
@@ -100,11 +108,12 @@ class TableRun:
 
     def __init__(self, spec: TableSpec, device: str = "cpu", kinds: set[str] | None = None,
                  cache: MeasurementCache | None = None, show_progress: bool = True,
-                 rows: set[str] | None = None, protocol_overrides: dict | None = None):
+                 rows: set[str] | None = None, protocol_overrides: dict | None = None, only: set | None = None):
         self.spec, self.device = spec, measure.resolve_device(device)
         self.kinds = kinds
         self.rows = rows                                  # only these rows' cells (None: every row)
         self.protocol_overrides = {k: v for k, v in (protocol_overrides or {}).items() if v is not None}
+        self.only = only  # {(row, column)}: measure just these cells (and their operands), e.g. diff's guards
         self.cache = cache or MeasurementCache()
         self.show_progress = show_progress
         self.fingerprint = source_fingerprint()
@@ -116,9 +125,11 @@ class TableRun:
         self.failures: dict[Target, str] = {}             # why a target could not be measured
         self.refused: dict[tuple[str, str], str] = {}     # accuracy results refused, and why
         self.origins: dict[tuple[str, str], str] = {}     # where an accepted accuracy comes from
-        self._models: dict[str, object] = {}              # model whose attributes settings read
+        self._models: dict[tuple, object] = {}            # model whose attributes settings read
+        self._reference_models: dict[str, object] = {}    # models a setting compares with (Table 8)
         self.protocols_used: dict[int, measure.Protocol] = {}
         self.env = measure.environment(self.device)
+        self.device_tag = measure.device_tag(self.device)
 
     # -- what to measure ------------------------------------------------------------------------
     def wanted(self, kind: str) -> bool:
@@ -134,6 +145,8 @@ class TableRun:
         cells = {(r, c) for r, c, v in zip(self.spec.reference["row"], self.spec.reference["column"],
                                            self.spec.reference["reported"])
                  if v not in NOT_REPORTED and (self.rows is None or r in self.rows)}
+        if self.only is not None:
+            cells &= set(self.only)
         for row_id, col_id in list(cells):
             column = self.spec.columns[col_id]
             if column.kind in DERIVED_KINDS:
@@ -223,21 +236,25 @@ class TableRun:
         targets = {self.target(row, column) for row, column in cells}
         results: dict[Target, dict] = {}
 
+        # Every target linked to another through a gain is timed in one interleaved group
+        # (measure.time_interleaved), so that each gain compares timings taken side by side. A group
+        # is cached as a whole (its members' key names the group) and timed again as a whole, so a
+        # gain never pairs timings of two sessions.
+        groups = _connected_groups(sorted(targets, key=str), self._throughput_pairs(targets))
+        group_of = {t: group for group in groups for t in group}
+
         def key(t: Target):
             return measure.cache_key(kind="throughput", model=t.model, kwargs=t.kwargs, form=t.form,
                                      img_size=t.img_size, protocol=self._protocol(t.img_size).__dict__,
-                                     device=measure.device_tag(self.device), code=self.fingerprint)
+                                     device=measure.device_tag(self.device), code=self.fingerprint,
+                                     group=sorted(f"{u.model}|{u.form}|{u.img_size}|{u.kwargs}" for u in group_of[t]))
 
         for t in targets:
             if cached := self.cache.get(key(t)):
                 results[t] = cached
-        # Every target linked to another through a gain is timed in one interleaved group
-        # (measure.time_interleaved), so that each gain compares timings taken side by side.
-        groups = _connected_groups(sorted(targets, key=str), self._throughput_pairs(targets))
-        todo = [g for g in ([t for t in g if t not in results] for g in groups) if g]
+        todo = [g for g in groups if any(t not in results for t in g)]
         task = progress.add_task(f"{self.spec.id}: throughput", total=len(todo))
         for group in todo:
-            group = [t for t in group if t not in results]
             progress.update(task, description=f"{self.spec.id}: throughput · {' vs '.join(t.label for t in group)}")
             timers = {}
             for t in group:
@@ -305,45 +322,98 @@ class TableRun:
         ratio = statistics.median(ratios) if ratios else of / over
         return 100.0 * (ratio - 1.0) if column.kind == "gain" else ratio
 
-    def setting_value(self, row, column):
-        source = column.source or row.source
-        if source is None:
+    def setting_value(self, row, column) -> tuple[object, str, bool]:
+        """(value as printed, where it was read, declared): a setting read from the built model or
+        the recipe; `declared` when only the spec gives it (a row field or model_kwargs), so that it
+        can never count as a match. A list of sources is tried in order (e.g. the recipe's image
+        size for rows that have a recipe, else the model's)."""
+        sources = column.source or row.source
+        if sources is None:
             raise KeyError("no 'source' for this setting in the spec")
-        if source.startswith("recipe."):
-            recipe = row.recipe or column.recipe
-            if not recipe:
-                raise KeyError("the row has no recipe")
-            value = _dig(load_recipe(recipe), source[len("recipe."):])
-        elif source.startswith("model_kwargs."):
-            value = _dig(row.model_kwargs, source[len("model_kwargs."):])
-        elif source.startswith("model."):
-            value = self._model_attribute(row, column, source[len("model."):])
-        elif source in ("img_size", "model", "form", "macs_convention", "baseline"):
-            value = getattr(row, source)
+        skipped = []
+        for source in [sources] if isinstance(sources, str) else sources:
+            try:
+                value, where, declared = self._read_setting(row, column, source)
+                break
+            except SourceDoesNotApply as e:
+                skipped.append(str(e))
         else:
-            value = _dig(row.settings, source)
+            raise KeyError("; ".join(skipped))
         mapping = column.values or row.values or {}
         for k, v in mapping.items():
             if str(k).lower() == str(value).lower():
-                return str(v)
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+                return str(v), where, declared
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            value = str(value)
+        return value, where, declared
 
-    def _model_attribute(self, row, column, attribute):
+    def _read_setting(self, row, column, source: str):
+        if source.startswith("recipe."):
+            recipe = row.recipe or column.recipe
+            if not recipe:
+                raise SourceDoesNotApply("the row has no recipe")
+            from reproduce.checks import recipe_runs
+
+            if not (RECIPES / recipe).is_file():
+                raise SourceDoesNotApply(f"the row's recipe {recipe} is not written yet")
+            runs, why = recipe_runs(RECIPES / recipe)
+            if not runs:
+                raise RecipeDoesNotRun(f"recipe {recipe} does not build its models: {why}")
+            path = source[len("recipe."):]
+            return _dig(load_recipe(recipe), path), f"recipe {recipe}: {path}", False
+        if source.startswith("model."):
+            what = source[len("model."):]
+            value, where = self._model_attribute(row, column, what)
+            return value, f"the built model {self.target(row, column).model}: {where}", False
+        if source.startswith("model_kwargs."):
+            return _dig(row.model_kwargs, source[len("model_kwargs."):]), f"the spec's {source}", True
+        if source in ("img_size", "model", "form", "macs_convention", "baseline"):
+            return getattr(row, source), f"the spec's row field {source}", True
+        return _dig(row.settings, source), f"the spec's row field {source}", True
+
+    def _built(self, name: str, kwargs: str, form: str):
+        """The model at full size on the meta device (its structure is all settings read), kept
+        one at a time; a model whose construction needs real tensors is built for real."""
+        key = (name, kwargs, form)
+        if key not in self._models:
+            self._models.clear()
+            try:
+                model = measure.build_model(name, json.loads(kwargs), form, meta=True)
+            except (NotImplementedError, RuntimeError) as e:  # construction that needs real tensors
+                if isinstance(e, measure.MeasureError):
+                    raise
+                model = measure.build_model(name, json.loads(kwargs), form)
+            self._models[key] = model
+        return self._models[key]
+
+    def _model_attribute(self, row, column, attribute) -> tuple[object, str]:
         """An architecture setting read off the built model (e.g. embed_dim), not off the spec."""
         target = self.target(row, column)
         if not target.model:
             raise KeyError("the row has no model")
-        if target.model not in self._models:
-            self._models.clear()  # keep one model alive at a time
-            self._models[target.model] = target.build()
-        model = self._models[target.model]
+        model = self._built(target.model, target.kwargs, target.form)
         if attribute in measure.ARCHITECTURE_KEYS:
-            value = measure.architecture(model)[attribute]
+            value, where = measure.architecture(model)[attribute], f"{attribute} of its blocks"
+        elif attribute == "img_size":
+            value, where = measure.input_size(model)
+        elif attribute == "idle_ratio":
+            value, where = measure.idle_ratio(model), "the idle ratio of its channel-idle FFNs"
+        elif attribute.startswith("removed_from."):
+            reference = attribute[len("removed_from."):]
+            value = measure.removed_from(model, self._reference_model(reference))
+            where = f"its blocks compared with {reference}'s"
         else:
-            value = getattr(model, attribute, None)
+            value, where = getattr(model, attribute, None), f"its attribute {attribute}"
         if value is None:
-            raise KeyError(f"{row.model} has no attribute '{attribute}'")
-        return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else value
+            raise KeyError(f"{target.model} has no attribute '{attribute}'")
+        if isinstance(value, (list, tuple)):
+            value = f"[{', '.join(map(str, value))}]"
+        return value, where
+
+    def _reference_model(self, name: str):
+        if name not in self._reference_models:
+            self._reference_models[name] = measure.build_model(name, meta=True)
+        return self._reference_models[name]
 
     def accuracy_value(self, row, column):
         """The cell's result.json value if its provenance says it belongs to this cell
@@ -394,28 +464,34 @@ class TableRun:
                 "measured": "", "delta": ""}
         notes = [n for n in (row.cell_notes.get(column.id, ""), ref.note, row.note, column.note) if n]
 
-        def done(status, measured=None, extra=None, device_bound=False):
+        deviation = self.spec.deviation(row.id, column.id, self.device_tag)
+
+        def done(status, measured=None, extra=None, device_bound=False, spread=None):
             if extra:
                 notes.insert(0, extra)
             if measured is not None:
-                state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind)
+                state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind,
+                                              spread=None if device_bound else spread)
                 base.update(measured=report.format_measured(measured, ref.reported, column.kind),
                             delta="" if device_bound else report.format_delta(delta, ref.reported))
+                if spread:
+                    base.update(low=report.format_measured(min(spread), ref.reported, column.kind),
+                                high=report.format_measured(max(spread), ref.reported, column.kind))
                 how = report.coarser_printing(ref.reported, measured) if state == "within_tolerance" else None
                 if how:
                     notes.insert(0, f"the printed value is the measured one {how} at the printed precision.")
                 status = status or state
+            if deviation and status in report.MEASURED_STATUSES:
+                said = deviation.status.replace("_", " ")
+                notes.insert(0, f"Accepted {said} (declared in {self.spec.id}.yaml): {deviation.reason}"
+                             if status == deviation.status else
+                             f"The spec declares this cell a {said} ({deviation.reason}), but it is {status} now.")
             return {**base, "status": status, "note": " ".join(notes)}
 
         if row.cited:
             return done("cited", extra=f"cited: {row.cited}")
         if column.kind == "setting":
-            try:
-                return done(None, self.setting_value(row, column))
-            except measure.ModelNotImplemented as e:
-                return done("pending", extra=f"pending: {e}")
-            except (KeyError, OSError, ValueError, measure.MeasureError) as e:
-                return done("pending", extra=f"setting not resolvable yet ({e}); fix the spec or recipe")
+            return self._setting_cell(row, column, ref, done)
         kind = self.base_kind(column)
         value = (self.derived_value(row, column) if column.kind in DERIVED_KINDS
                  else self.values.get((row.id, column.id)))
@@ -443,13 +519,36 @@ class TableRun:
             return self._throughput_cell(ref, value, done)
         spread = self.derived_range(row, column) if kind == "throughput" else None
         if spread:
-            notes.insert(0, f"median of per-round ratios; range {spread[0]:+.1f} to {spread[1]:+.1f} {spread[2]}."
-                         if "rounds" in spread[2] else f"range {spread[0]:+.1f} to {spread[1]:+.1f} {spread[2]}.")
+            low, high, how = spread
+            shown = "{:+.1f} to {:+.1f}" if column.kind == "gain" else "{:.2f} to {:.2f}"
+            notes.insert(0, ("median of per-round ratios; " if "rounds" in how else "")
+                         + f"range {shown.format(low, high)} {how}.")
         if kind == "throughput" and not self.on_paper_device():
             notes.append(f"Gain measured on {self.env['device']} ({self.protocol_used_text()}); the paper's is on "
                          f"{self.protocol_spec.get('paper_device')}: gains travel better than absolute images/s, but "
                          "the relative cost of layers (pooling, norms, matmuls) still differs between devices.")
-        return done(None, value)
+        return done(None, value, spread=spread[:2] if spread else None)
+
+    def _setting_cell(self, row, column, ref, done):
+        try:
+            value, where, declared = self.setting_value(row, column)
+        except measure.ModelNotImplemented as e:
+            return done("pending", extra=f"pending: {e}")
+        except RecipeDoesNotRun as e:
+            return done("pending", extra=f"pending: {e.args[0]}")
+        except (KeyError, OSError, ValueError, measure.MeasureError) as e:
+            why = e.args[0] if isinstance(e, KeyError) and e.args else e
+            return done("pending", extra=f"setting not resolvable yet ({why}); fix the spec or recipe")
+        if declared:
+            if report.compare(ref.reported, value, 0.0, "setting")[0] == "match":
+                return done("declared", extra=f"declared: {where} gives {value}; nothing reads it from a model "
+                                              "or a recipe.")
+            return done("mismatch", extra=f"the spec declares {value} ({where}), the paper prints {ref.reported}.")
+        extra = f"read from {where}."
+        sources = column.source if isinstance(column.source, list) else [column.source]
+        if any(str(x).endswith("img_size") for x in sources) and value != row.img_size:
+            extra += f" Params, MACs and throughput are measured at the spec's img_size {row.img_size}."
+        return done(None, value, extra=extra)
 
     def on_paper_device(self) -> bool:
         return measure.same_device(self.protocol_spec.get("paper_device", ""), self.env["device"])
@@ -461,12 +560,13 @@ class TableRun:
         extra = self.notes.get((ref.row, ref.column), "")
         paper_device = self.protocol_spec.get("paper_device", "the paper's GPU")
         ours = self.env["device"]
+        spread = self.ranges.get((ref.row, ref.column))
         if self.on_paper_device():
-            return done(None, value, extra)
+            return done(None, value, extra, spread=spread)
         why = (f"absolute images/s are device-bound: printed on {paper_device}, measured here on {ours} "
                f"({extra}); the gain columns carry the comparison; to compare absolutes run "
                f"`reproduce table {self.spec.id} --columns throughput --device cuda` on {paper_device}.")
-        return done("pending", value, extra=why, device_bound=True)
+        return done("pending", value, extra=why, device_bound=True, spread=spread)
 
     def collect_accuracy(self):
         for ref in self.spec.reference.itertuples():
@@ -484,7 +584,8 @@ class TableRun:
                 self.measure_static(progress)
             if self.wanted("throughput"):
                 self.measure_throughput(progress)
-        cells = [self.cell(ref) for ref in self.spec.reference.itertuples()]
+        cells = [self.cell(ref) for ref in self.spec.reference.itertuples()
+                 if self.only is None or (ref.row, ref.column) in self.only]
         return report.cells_frame([c for c in cells if c is not None])
 
     def meta(self) -> dict:
@@ -533,8 +634,14 @@ def run_table(spec: TableSpec, device: str = "cpu", kinds: set[str] | None = Non
     """Measure `spec`, merge with earlier results for the kinds (rows) not measured now, write CSV + MD."""
     csv_path, md_path = results_paths(spec.id, device, results_dir)
     run = TableRun(spec, device, kinds, cache, show_progress, rows, protocol_overrides)
-    frame = run.run()
-    if (kinds is not None or rows is not None) and csv_path.exists():
+    frame = write_results(spec, run.run(), csv_path, run.meta(), merge=kinds is not None or rows is not None)
+    return frame, csv_path, md_path
+
+
+def write_results(spec: TableSpec, frame: pd.DataFrame, csv_path: Path, meta: dict, merge: bool) -> pd.DataFrame:
+    """Write the CSV and the Markdown of `frame`, in reference order; with `merge`, the cells of
+    the existing file that `frame` does not have are kept."""
+    if merge and csv_path.exists():
         previous = report.read_results(csv_path)
         fresh = set(zip(frame["row"], frame["column"]))
         keep = previous[[(r, c) not in fresh for r, c in zip(previous["row"], previous["column"])]]
@@ -543,5 +650,5 @@ def run_table(spec: TableSpec, device: str = "cpu", kinds: set[str] | None = Non
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: order.get((frame.row[i], frame.column[i]), math.inf))]
     frame = frame.reset_index(drop=True)
     report.write_csv(frame, csv_path)
-    files.atomic_write_text(md_path, report.render_markdown(spec, frame, run.meta()))
-    return frame, csv_path, md_path
+    files.atomic_write_text(csv_path.with_suffix(".md"), report.render_markdown(spec, frame, meta))
+    return frame

@@ -9,6 +9,7 @@
 """
 import copy
 import csv
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -144,3 +145,46 @@ def read_spec(table_id):
 def first_seen(values):
     """The distinct values in the order they first appear."""
     return list(dict.fromkeys(values))
+
+
+# --- a table of its own (registry, reference, protocols, cache and runs in tmp_path) -------------
+
+def scratch_table(tmp_path, monkeypatch, spec, reference_table, protocol_cpu=None):
+    """Register `spec` (a dict) as the only table, with the printed cells of `reference_table`'s
+    reference that its rows and columns name; `protocol_cpu` replaces the protocol's cpu section.
+    Returns the results folder to pass as --results-dir."""
+    import pandas as pd
+
+    from reproduce import registry, runner
+
+    recipes, reference = tmp_path / "recipes", tmp_path / "reference"
+    (recipes / "tables").mkdir(parents=True)
+    shutil.copytree(registry.RECIPES / "protocols", recipes / "protocols")
+    if protocol_cpu is not None:
+        path = recipes / "protocols" / f"{spec['protocol']}.yaml"
+        protocol = yaml.safe_load(path.read_text())
+        protocol["cpu"] = protocol_cpu
+        path.write_text(yaml.safe_dump(protocol))
+    for folder in ("riformer", "repaformer", "sit"):  # row recipes resolve against the real ones
+        if (registry.RECIPES / folder).exists():
+            (recipes / folder).symlink_to(registry.RECIPES / folder)
+    (recipes / "tables" / f"{spec['id']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    ref = pd.read_csv(registry.REFERENCE_DIR / f"{reference_table}.csv", dtype=str, keep_default_na=False)
+    ref = ref[ref["row"].isin(spec["rows"]) & ref["column"].isin(spec["columns"])].assign(table=spec["id"])
+    reference.mkdir()
+    ref.to_csv(reference / f"{spec['id']}.csv", index=False)
+    monkeypatch.setattr(registry, "RECIPES", recipes)
+    monkeypatch.setattr(registry, "TABLES_DIR", recipes / "tables")
+    monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
+    monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache" / "measurements")
+    monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
+    registry.load_table.cache_clear()
+    return tmp_path / "results"
+
+
+def rewrite_spec(spec):
+    """Write an edited scratch spec back (after `scratch_table`)."""
+    from reproduce import registry
+
+    (registry.TABLES_DIR / f"{spec['id']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    registry.load_table.cache_clear()

@@ -25,11 +25,16 @@ def small_table(tmp_path, monkeypatch):
         "id": "riformer-6", "paper": "riformer", "number": 6, "title": "two rows of Table 6", "protocol": "riformer",
         "columns": {"params": {"kind": "params", "unit": "M"}, "macs": {"kind": "macs", "unit": "G"},
                     "throughput": {"kind": "throughput", "unit": "img/s"},
-                    "throughput_gain": {"kind": "gain", "unit": "%", "of": "throughput", "over_row": "baseline"},
+                    # at 64 px and batch 1 the gain is not the paper's: no band to hold it to here
+                    "throughput_gain": {"kind": "gain", "unit": "%", "of": "throughput", "over_row": "baseline",
+                                        "tolerance": 1000.0},
                     "top1": {"kind": "accuracy", "unit": "%"}},
         "defaults": {"img_size": 64},
         "rows": {"poolformer_s12": {"model": "poolformer_v1_s12"},
                  "riformer_s12": {"model": "riformer_s12", "form": "deploy", "baseline": "poolformer_s12"}},
+        # counted at 64 px, the MACs are a fraction of the printed 1.8 G: accepted, with the value
+        "deviations": {row: {"macs": {"status": "mismatch", "measured": "0.149", "reason": "counted at 64 px"}}
+                       for row in ROWS},
     }
     (recipes / "tables" / "riformer-6.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     ref = pd.read_csv(REAL_REFERENCE, dtype=str, keep_default_na=False)
@@ -86,7 +91,7 @@ def test_diff_fails_on_a_planted_change_and_a_missing_cell(small_table):
     frame.loc[(frame.row == "poolformer_s12") & (frame.column == "params"), "measured"] = "14.00"
     report.write_csv(frame, path)
     result = invoke("diff", "riformer-6", "--results-dir", small_table / "results")
-    assert result.exit_code == 1 and "new mismatch" in result.output
+    assert result.exit_code == 1 and "poolformer_s12/params: undeclared mismatch" in result.output
     report.write_csv(original.iloc[1:], path)
     result = invoke("diff", "riformer-6", "--results-dir", small_table / "results")
     assert result.exit_code == 1 and "no result line" in result.output
@@ -159,8 +164,17 @@ def test_bench_runs_a_model_and_rejects_a_missing_deploy_form():
     assert bad.exit_code == 2 and "no deploy form" in bad.output
 
 
-def test_list_shows_every_table():
-    result = CliRunner().invoke(cli.main, ["list"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0
-    for table_id in registry.table_ids():
-        assert table_id in result.output
+def test_list_reads_at_80_columns_and_when_piped(small_table):
+    """Piped, the list is Markdown (nothing cut to '…'); --format csv gives the numbers."""
+    results = small_table / "results"
+    assert invoke("table", "riformer-6", "--columns", "params", "--results-dir", results, "--quiet").exit_code == 0
+    piped = CliRunner().invoke(cli.main, ["list", "--results-dir", str(results)], env={"COLUMNS": "80"})
+    assert piped.exit_code == 0, piped.output
+    line = next(x for x in piped.output.splitlines() if x.startswith("| riformer-6"))
+    # 2 static rows x 2 columns build; the gain's two models build; RIFormer-S12's absolute img/s only
+    # compares on the paper's A100; top1 has no recipe in this cut
+    assert [c.strip() for c in line.strip("|").split("|")][:5] == ["riformer-6", "4/4", "1/3", "0/1", "–"]
+    assert "two rows of Table 6" in line  # the title whole, not cut
+    csv_out = invoke("list", "--format", "csv", "--results-dir", results)
+    frame = pd.read_csv(__import__("io").StringIO(csv_out.output))
+    assert frame.loc[0, "static_covered"] == 4 and frame.loc[0, "match"] == 2

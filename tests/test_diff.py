@@ -1,0 +1,156 @@
+"""`reproduce diff` catches the regressions the suite measures itself (issue 12's planted faults):
+(a) a model edit that changes a parameter count, (b) a slower RIFormer deploy form, (c) a gain pushed
+outside its tolerance in a results file, (d) a deviation removed from the spec; the unplanted tree
+passes, and `--update` accepts a new baseline deliberately."""
+import copy
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+from helpers import rewrite_spec, scratch_table
+
+from reproduce import cli, measure, registry, report
+from riformer import metaformer
+
+# Two rows of RIFormer Table 6 (its printed numbers): PoolFormer-S12 and RIFormer-S12 over it.
+SPEC = {
+    "id": "riformer-6", "paper": "riformer", "number": 6, "title": "two rows of Table 6", "protocol": "riformer",
+    "guards": ["riformer_s12/throughput_gain"],
+    "columns": {"params": {"kind": "params", "unit": "M"}, "macs": {"kind": "macs", "unit": "G"},
+                "throughput": {"kind": "throughput", "unit": "img/s"},
+                "throughput_gain": {"kind": "gain", "unit": "%", "of": "throughput", "over_row": "baseline"}},
+    "defaults": {"img_size": 64},
+    "rows": {"poolformer_s12": {"model": "poolformer_v1_s12"},
+             "riformer_s12": {"model": "riformer_s12", "form": "deploy", "baseline": "poolformer_s12",
+                              # at 64 px the MACs are a fraction of the printed 1.8 G at 224: accepted here
+                              "deviations": {"macs": {"status": "mismatch", "measured": "0.149",
+                                                      "reason": "counted at 64 px, printed at 224"}}}},
+}
+# poolformer_s12's MACs are the same mismatch, declared the same way
+SPEC["rows"]["poolformer_s12"]["deviations"] = copy.deepcopy(SPEC["rows"]["riformer_s12"]["deviations"])
+FAST = {"batch_size": 1, "runs": 1, "repeats": 5, "warmup": 0, "threads": 1}
+
+
+def steady_timer(monkeypatch, deploy_speed=1.2):
+    """Timings without noise: RIFormer's deploy form runs `deploy_speed` times PoolFormer's speed,
+    with a small fixed per-round wobble so that every gain has a range."""
+    wobble = iter([1.0, 1.01, 0.99, 1.005, 0.995] * 1000)
+
+    def sample(self):
+        deployed = any(hasattr(m, "norm_reparam") for m in self.model.modules())
+        return 100.0 * (deploy_speed if deployed else 1.0) * next(wobble)
+
+    monkeypatch.setattr(measure.Timer, "sample", sample)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, list(map(str, args)))
+
+
+def git(folder, *args):
+    subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def committed(tmp_path, monkeypatch):
+    """The two-row table measured (steady timer) and its results committed to a git repository."""
+    results = scratch_table(tmp_path, monkeypatch, copy.deepcopy(SPEC), "riformer-6", FAST)
+    steady_timer(monkeypatch)
+    assert invoke("table", "riformer-6", "--results-dir", results, "--quiet").exit_code == 0
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "add", "results")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "accepted results")
+    yield results
+    registry.load_table.cache_clear()
+
+
+def csv_of(results):
+    return results / measure.device_tag("cpu") / "riformer-6.csv"
+
+
+def test_the_unplanted_tree_passes_with_the_guards_timed_again(committed):
+    result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", committed)
+    assert result.exit_code == 0, result.output
+    assert "committed at HEAD" in result.output
+
+
+def test_a_model_edit_that_changes_a_parameter_count_fails(committed, monkeypatch):  # (a)
+    plain_init = metaformer.Mlp.__init__
+
+    def one_more_bias(self, *args, **kwargs):
+        plain_init(self, *args, **kwargs)
+        self.planted = metaformer.nn.Parameter(metaformer.torch.zeros(1))
+
+    monkeypatch.setattr(metaformer.Mlp, "__init__", one_more_bias)
+    result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", committed)
+    assert result.exit_code == 1, result.output
+    # 12 parameters more (one per MLP) in 11.9 M: params are recorded to the parameter
+    assert "riformer_s12/params: moved from 11.915176 to 11.915188 (+1.2e-05)" in result.output
+    assert "poolformer_s12/params: moved from 11.915176 to 11.915188" in result.output
+
+
+def test_a_gain_pushed_outside_its_tolerance_in_the_results_file_fails(committed):  # (c)
+    frame = report.read_results(csv_of(committed))
+    gain = (frame.row == "riformer_s12") & (frame.column == "throughput_gain")
+    assert frame.loc[gain, "status"].item() == "within_tolerance"  # +20 against the printed +17.8
+    frame.loc[gain, ["measured", "low", "high"]] = ["-8.000", "-9.000", "-7.000"]
+    report.write_csv(frame, csv_of(committed))
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1
+    assert "riformer_s12/throughput_gain: recorded within_tolerance" in result.output
+    assert "riformer_s12/throughput_gain: undeclared mismatch" in result.output
+    assert "riformer_s12/throughput_gain: moved from 19.400 [18.209, 22.424]" in result.output  # and vs committed
+
+
+def test_a_gain_that_stays_in_its_band_but_leaves_the_accepted_range_fails_until_updated(committed):
+    frame = report.read_results(csv_of(committed))
+    gain = (frame.row == "riformer_s12") & (frame.column == "throughput_gain")
+    frame.loc[gain, ["measured", "low", "high"]] = ["+15.000", "+14.000", "+16.000"]
+    report.write_csv(frame, csv_of(committed))
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1
+    assert "no longer overlaps" in result.output and "riformer_s12/throughput_gain" in result.output
+    accepted = invoke("diff", "riformer-6", "--results-dir", committed, "--update")
+    assert accepted.exit_code == 0 and "accepted" in accepted.output and "commit it" in accepted.output
+
+
+def test_a_deviation_removed_from_the_spec_fails_and_so_does_a_declared_value_that_moved(committed):  # (d)
+    spec = copy.deepcopy(SPEC)
+    del spec["rows"]["riformer_s12"]["deviations"]
+    rewrite_spec(spec)
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1 and "riformer_s12/macs: undeclared mismatch" in result.output
+    assert "poolformer_s12/macs" not in result.output  # still declared
+
+    spec["rows"]["riformer_s12"]["deviations"] = {"macs": {"status": "mismatch", "measured": "0.1500", "reason": "x"}}
+    rewrite_spec(spec)
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1 and "riformer_s12/macs: the spec's deviation expects 0.1500" in result.output
+
+
+def test_the_results_notes_give_the_declared_reason(committed):
+    frame = report.read_results(csv_of(committed)).set_index(["row", "column"])
+    assert frame.loc[("riformer_s12", "macs"), "note"].startswith(
+        "Accepted mismatch (declared in riformer-6.yaml): counted at 64 px")
+
+
+def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeypatch):  # (b)
+    """Real RIFormer-S12 and PoolFormer-S12 at 224 px under the riformer protocol's CPU section: the
+    guard gain is timed again by `reproduce diff --remeasure` after every deploy block is made to run
+    twice, which turns RIFormer's gain over PoolFormer-S12 negative."""
+    spec = copy.deepcopy(SPEC)
+    spec["defaults"] = {"img_size": 224}
+    for row in spec["rows"].values():
+        row.pop("deviations")
+    spec["columns"].pop("macs")
+    results = scratch_table(tmp_path, monkeypatch, spec, "riformer-6")
+    assert invoke("table", "riformer-6", "--results-dir", results, "--quiet").exit_code == 0
+    plain_forward = metaformer.RIFormerBlock.forward
+
+    def twice(self, x):
+        return plain_forward(self, plain_forward(self, x)) if self.deploy else plain_forward(self, x)
+
+    monkeypatch.setattr(metaformer.RIFormerBlock, "forward", twice)
+    result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", results)
+    assert result.exit_code == 1, result.output
+    assert "re-measured riformer_s12/throughput_gain: undeclared mismatch: reported 17.8, measured -" in result.output
