@@ -82,12 +82,12 @@ def model_builds(name: str | None, kwargs: dict | None = None, form: str = "trai
 
 
 def recipe_runs(recipe_path) -> tuple[bool, str]:
-    """Whether a training recipe works here: it loads (full scale), and its student and every teacher
-    it trains with build at full size with `timm.create_model` (no weights are loaded), the student
-    with the token mixer the recipe names. Returns (ok, the reason when not).
-
-    The lead connects this to the dry run (`reproduce train ... --dry-run`) when it lands."""
-    from reproduce.engine import EngineError
+    """Whether a training recipe works here. The dry run's stored outcome decides where there is one
+    (`reproduce dry-run`, `make dry-run`: the full-size student and teachers, one optimizer step at the
+    real image size, the fold); without one, the recipe must load (full scale) and its student and
+    every teacher it trains with must build at full size with `timm.create_model` (no weights are
+    loaded), the student with the token mixer the recipe names. Returns (ok, the reason when not)."""
+    from reproduce.engine import EngineError, dryrun
     from reproduce.engine.recipe import load_recipe as engine_load_recipe
     from reproduce.engine.train import check_token_mixer
 
@@ -95,6 +95,9 @@ def recipe_runs(recipe_path) -> tuple[bool, str]:
         recipe = engine_load_recipe(Path(recipe_path))
     except EngineError as e:
         return False, str(e)
+    outcome = dryrun.cached_outcome(recipe_path)
+    if outcome is not None:
+        return outcome.ok, outcome.error
     content = {k: v for k, v in recipe.items() if k not in ("path", "scale")}
 
     def check():
@@ -120,10 +123,11 @@ def recipe_runs(recipe_path) -> tuple[bool, str]:
 
 
 def released_weights(spec, row_id: str, column_id: str) -> bool:
-    """Whether released weights for this accuracy cell are in the weights manifest.
+    """Whether the weights manifest (recipes/weights.yaml) names a release that fills this accuracy
+    cell: the row's own model, not another model of the row (a `model_from` column)."""
+    from reproduce import weights
 
-    False until the manifest (recipes/weights.yaml, reproduce/weights.py) lands; the lead connects it."""
-    return False
+    return weights.release_of(spec.id, row_id) is not None and not spec.columns[column_id].model_from
 
 
 # ---------------------------------------------------------------------------------------------
