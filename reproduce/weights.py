@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from reproduce.registry import RECIPES
+from reproduce.registry import ROOT
 
-MANIFEST = RECIPES / "weights.yaml"
+MANIFEST = ROOT / "recipes" / "weights.yaml"  # not registry.RECIPES, which tests point at scratch specs
 EVAL_WORKERS = 4  # data-loader workers of `reproduce table --weights`
 
 

@@ -322,7 +322,7 @@ def test_timm_loader_refuses_a_student_checkpoint_without_tsm(tmp_path):
     student = timm.create_model("sit_ti", num_classes=4, stage_depths=(1, 1, 1, 1), **TINY)
     state = {k: v for k, v in student.state_dict().items() if not k.startswith("tsm.")}
     torch.save(state, tmp_path / "no_tsm.pth")
-    with pytest.raises(RuntimeError, match="without TSM weights"):  # the model function's loader
+    with pytest.raises(ValueError, match=r"does not fit sit_ti: .* first missing tsm\."):  # the model function's loader
         riformer.sit.sit_ti(num_classes=4, stage_depths=(1, 1, 1, 1), checkpoint_path=str(tmp_path / "no_tsm.pth"), **TINY)
 
 

@@ -185,9 +185,9 @@ def test_points_say_whether_accuracy_was_measured_or_reported(tmp_path, monkeypa
     from reproduce import runner
 
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
-    result = tmp_path / "runs" / "sit-3" / "levit_256" / "result.json"
-    result.parent.mkdir(parents=True)
-    result.write_text('{"scale": "full", "top1": 79.5}')
+    from helpers import write_accepted_result
+
+    write_accepted_result(tmp_path / "runs", "sit-3", "levit_256", 79.5)
     figure = figures.load_figure(_figure_yaml(tmp_path, monkeypatch, TOY))
     frame = figures.speed_accuracy(figure, "cpu", runner.MeasurementCache(tmp_path / "cache"),
                                    runs=1, repeats=2, warmup=0)

@@ -81,9 +81,9 @@ def test_a_measured_accuracy_is_no_longer_pending(fake_macs, cache, monkeypatch,
     from reproduce import runner
 
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
-    result = tmp_path / "runs" / "riformer-8" / "poolformer_s12" / "result.json"
-    result.parent.mkdir(parents=True)
-    result.write_text(json.dumps({"scale": "full", "top1": 77.1}))
+    from helpers import write_accepted_result
+
+    write_accepted_result(tmp_path / "runs", "riformer-8", "poolformer_s12", 77.1)
     rows = set(plan.make_plan(["riformer-8"], plan.Settings(), cache).frame()["row"])
     assert "poolformer_s12" not in rows and "riformer_s12" in rows
 

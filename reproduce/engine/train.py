@@ -337,7 +337,7 @@ def finish(run, metrics: dict, info: dict) -> dict:
                   "classes": run.recipe["model"]["num_classes"]},
             transform=default_transform(data["img_size"], data.get("crop_pct", 0.9), data.get("interpolation", "bicubic")),
             scale=run.recipe["scale"], device=str(run.ctx.device), command=info.get("command") or None,
-            epochs=run.total_epochs, **extra)
+            epochs=run.total_epochs, **extra, **forms)
     return result
 
 
