@@ -7,6 +7,7 @@ finish() -> final model (train and deploy form) and runs/<table>/<row>/result.js
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import random
@@ -348,6 +349,7 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
     ctx = distributed.setup()
     output, info = Path(output), info or {}
     output.mkdir(parents=True, exist_ok=True)
+    run = None
     try:
         run = build(recipe, data, output, ctx)
         teacher = run.teacher if run.teacher is not None else getattr(run.objective, "teacher", None)
@@ -379,4 +381,8 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
             metrics = evaluate(run.model, run.val_loader, ctx, run.amp)
         return finish(run, metrics, info)
     finally:
+        # DDP's reducer must be gone before its process group: freed after destroy_process_group
+        # (when train() returns), a gloo worker can hang at exit.
+        del run
+        gc.collect()
         distributed.teardown(ctx)
