@@ -184,7 +184,7 @@ class ContiguousUpsampling(nn.Module):
 class SiT(LVViT):
     # Weights a SiT student has and its LV-ViT teacher has not: new when a student starts from its
     # teacher (SiT Sec. 4.1); every other tensor is the teacher's.
-    student_only_prefixes = ("tsm.", "rtsm.", "head_dist.", "dist_token", "dist_pos_embed")
+    student_only_prefixes = STUDENT_ONLY
 
     def __init__(self, stage_depths=(1, 1, 1, 11), keep_ratio=0.5, slimming="tsm", strided_layout="grid",
                  distilled=False, recalibration=True, **kwargs):

@@ -27,17 +27,22 @@ def test_gains_the_paper_does_not_print_are_derived_from_printed_throughputs():
     assert gain.reported == "+17.8" and "not printed" in gain.note and "4160.18" in gain.note
 
 
-@pytest.fixture
-def scratch_registry(tmp_path, monkeypatch):
+def _scratch(tmp_path, monkeypatch, table_id):
+    """A registry holding only `table_id`'s reference, for specs the test writes: (tables dir, spec)."""
     tables, reference = tmp_path / "tables", tmp_path / "reference"
     tables.mkdir()
     reference.mkdir()
-    shutil.copy(registry.REFERENCE_DIR / "riformer-1.csv", reference)
-    spec = yaml.safe_load((registry.TABLES_DIR / "riformer-1.yaml").read_text())
+    shutil.copy(registry.REFERENCE_DIR / f"{table_id}.csv", reference)
+    spec = yaml.safe_load((registry.TABLES_DIR / f"{table_id}.yaml").read_text())
     monkeypatch.setattr(registry, "TABLES_DIR", tables)
     monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
     registry.load_table.cache_clear()
-    yield tables, spec
+    return tables, spec
+
+
+@pytest.fixture
+def scratch_registry(tmp_path, monkeypatch):
+    yield _scratch(tmp_path, monkeypatch, "riformer-1")
     registry.load_table.cache_clear()
 
 
@@ -60,14 +65,7 @@ def test_a_bad_spec_names_the_file_and_the_field(scratch_registry, break_spec, m
 @pytest.fixture
 def scratch_sit5(tmp_path, monkeypatch):
     """sit-5 (one teacher per column) in a scratch registry, its rows editable."""
-    tables, reference = tmp_path / "tables", tmp_path / "reference"
-    tables.mkdir()
-    reference.mkdir()
-    shutil.copy(registry.REFERENCE_DIR / "sit-5.csv", reference)
-    spec = yaml.safe_load((registry.TABLES_DIR / "sit-5.yaml").read_text())
-    monkeypatch.setattr(registry, "TABLES_DIR", tables)
-    monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
-    registry.load_table.cache_clear()
+    tables, spec = _scratch(tmp_path, monkeypatch, "sit-5")
 
     def write(**rows):
         for row, fields in rows.items():
