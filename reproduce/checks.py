@@ -123,11 +123,10 @@ def recipe_runs(recipe_path) -> tuple[bool, str]:
 
 
 def released_weights(spec, row_id: str, column_id: str) -> bool:
-    """Whether the weights manifest (recipes/weights.yaml) names a release that fills this accuracy
-    cell: the row's own model, not another model of the row (a `model_from` column)."""
+    """Whether the weights manifest (recipes/weights.yaml) names a release that fills this accuracy cell."""
     from reproduce import weights
 
-    return weights.release_of(spec.id, row_id) is not None and not spec.columns[column_id].model_from
+    return weights.release_for_cell(spec, row_id, column_id) is not None
 
 
 # ---------------------------------------------------------------------------------------------

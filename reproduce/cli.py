@@ -247,25 +247,42 @@ def weights_command(table_ids, weights_dir, download):
     from reproduce import weights
 
     ids = [_table_id(t) for t in table_ids] or weights.tables()
-    grid = Table("table", "row", "release", "file", "in folder")
-    missing = []
+    missing, held, tables = [], 0, []
     for table_id in ids:
-        spec = _spec(table_id)
-        for row in spec.rows:
-            release = weights.release_of(table_id, row)
-            if release is None:
-                why = weights.why_none(table_id, row)
-                if why:
-                    grid.add_row(table_id, row, "none", why[:60] + ("…" if len(why) > 60 else ""), "")
-                continue
-            try:
-                state = "✓" if weights.find(release, weights_dir) else "missing"
-            except weights.WeightsError as err:
-                state = f"[red]{err}[/]"
-            if state == "missing":
-                missing.append(release)
-            grid.add_row(table_id, row, f"{release.project}", release.local_name, state)
-    out.print(grid)
+        lines = []  # (row, what fills it, state)
+        for row in weights.accuracy_rows(_spec(table_id)):
+            entries = weights.column_releases(table_id, row) or {None: weights.release_of(table_id, row)}
+            why = weights.why_none(table_id, row)
+            for column, release in entries.items():
+                if release is None:
+                    continue
+                try:
+                    state = "✓" if weights.find(release, weights_dir) else "missing"
+                except weights.WeightsError as err:
+                    state = str(err)
+                missing += [release] if state == "missing" else []
+                held += state == "✓"
+                lines.append((f"{row}/{column}" if column else row, f"{release.local_name} ({release.project})", state))
+            if why or not any(entries.values()):
+                lines.append((row, f"none: {why}" if why else "not in recipes/weights.yaml", ""))
+        tables.append((table_id, lines))
+    headers = ("row", "released file (project), or why none", "in folder")
+    for table_id, lines in tables:
+        title = f"{table_id}: released weights (recipes/weights.yaml)"
+        if out.is_terminal:
+            grid = Table(*headers, title=title, title_justify="left")
+            for row, what, state in lines:
+                color = "" if state in ("✓", "missing", "") else "red"
+                grid.add_row(row, f"[yellow]{what}[/]" if what.startswith("not in") else what,
+                             f"[{color}]{state}[/]" if color else state)
+            out.print(grid)
+        else:  # piped: Markdown, one line per row
+            from tabulate import tabulate
+
+            click.echo(f"{title}\n\n{tabulate(lines, headers=headers, tablefmt='github')}\n")
+    if missing or held:
+        click.echo(f"{held} file(s) in {weights_dir}, {len({r.name for r in missing})} missing"
+                   + ("" if download else " (--download fetches them where there is a network)"))
     if download:
         for release in {r.name: r for r in missing}.values():
             try:

@@ -57,17 +57,12 @@ class PlanError(ValueError):
 
 
 def released_weights(spec, row_id: str, column_id: str) -> dict | None:
-    """The released checkpoint that fills this cell by evaluation: {"id", "model"} or None.
-
-    The one place the plan asks the weights manifest (recipes/weights.yaml, reproduce/weights.py): a
-    release fills the row's own model's accuracy cells, not those of another model of the row (a
-    `model_from` column such as the teacher's top-1)."""
+    """The released checkpoint that fills this cell by evaluation: {"id", "model"} or None (the one
+    place the plan asks the weights manifest: reproduce/weights.py)."""
     from reproduce import weights
 
-    release = weights.release_of(spec.id, row_id)
-    if release is None or spec.columns[column_id].model_from:
-        return None
-    return {"id": release.name, "model": release.model}
+    release = weights.release_for_cell(spec, row_id, column_id)
+    return None if release is None else {"id": release.name, "model": release.model}
 
 
 def precision_of(recipe: dict) -> str:

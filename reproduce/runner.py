@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import files, measure, report
+from reproduce import files, measure, report, weights
 from reproduce.registry import (DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, _show, load_protocol,
                                load_recipe)
 
@@ -428,8 +428,10 @@ class TableRun:
         except ValueError:
             self.refused[(row.id, column.id)] = f"{path} is not valid JSON"
             return None
-        value, reason = provenance.accept(self.spec, row, column, result, self.target(row, column).model,
-                                          column.form or row.form)
+        model = self.target(row, column).model
+        if column.id in weights.column_releases(self.spec.id, row.id):
+            model = weights.release_of(self.spec.id, row.id, column.id).model  # that column's own model
+        value, reason = provenance.accept(self.spec, row, column, result, model, column.form or row.form)
         if reason:
             self.refused[(row.id, column.id)] = f"{_show(path)} refused: {reason}"
             return None
@@ -445,12 +447,16 @@ class TableRun:
         if column.kind in DERIVED_KINDS:
             return f"pending: computed from {column.of} and {column.over or 'the baseline row'}, which need ImageNet-1k"
         refused = self.refused.get((row.id, column.id))
-        refused = f"{refused}. " if refused else ""
+        prefix = f"{refused}. " if refused else ""
+        release = weights.release_for_cell(self.spec, row.id, column.id)
+        if release is not None:  # the fast path first: minutes of evaluation instead of a training run
+            prefix += (f"released weights {release.local_name} ({release.project}): `reproduce table {self.spec.id} "
+                        f"--columns accuracy --weights DIR --data /path/to/imagenet`; or ")
         recipe = self.spec.recipe_of(row.id, column.id)
         if recipe and (RECIPES / recipe).exists():
-            return f"{refused}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
+            return f"{prefix}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
         model = self.target(row, column).model or "MODEL"
-        return (f"{refused}needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
+        return (f"{prefix}needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
                 f"--data /path/to/imagenet --output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}`")
 
     def cell(self, ref) -> dict | None:

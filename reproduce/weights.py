@@ -1,8 +1,10 @@
 """The weights manifest (recipes/weights.yaml): which released file fills which table row.
 
-    release_of(table, row)      the Release that fills the row's accuracy cells, or None
-    why_none(table, row)        why nothing released fills it (with its source), or None
+    release_of(table, row[, column])   the Release that fills the row's (or that column's) accuracy, or None
+    why_none(table, row[, column])     why nothing released fills it (with its source), or None
+    release_for_cell(spec, row, column)   the Release whose evaluation fills that cell, or None
     cells_of(release)           [(table, row), ...] that one release fills
+    unlisted(spec)              the rows with accuracy cells that the manifest does not mention
     find(release, weights_dir)  its file in DIR (checksum verified where published), or None
     transform_of(release)       the authors' eval transform {resize, crop, interpolation, mean, std}
     evaluate_table(spec, weights_dir, data)   evaluate every row whose file is in DIR (reproduce table --weights)
@@ -55,8 +57,10 @@ def _manifest() -> dict:
     releases = {name: Release(name=name, **entry) for name, entry in data["releases"].items()}
     for table, rows in data["tables"].items():
         for row, entry in rows.items():
-            if isinstance(entry, str) and entry not in releases:
-                raise WeightsError(f"{MANIFEST.name}: {table}/{row} names unknown release {entry!r}")
+            named = [entry] if isinstance(entry, str) else [v for k, v in entry.items() if k != "none"]
+            for name in named:
+                if name not in releases:
+                    raise WeightsError(f"{MANIFEST.name}: {table}/{row} names unknown release {name!r}")
     return {"releases": releases, "tables": data["tables"]}
 
 
@@ -64,14 +68,53 @@ def releases() -> dict[str, Release]:
     return _manifest()["releases"]
 
 
-def release_of(table: str, row: str) -> Release | None:
-    entry = _manifest()["tables"].get(table, {}).get(row)
-    return releases()[entry] if isinstance(entry, str) else None
+def _entry(table: str, row: str):
+    """A row's manifest entry: a release name (all its accuracy cells), or a mapping of column ids to
+    release names (a column that is its own run, e.g. one teacher's top-1) with `none:` for the rest."""
+    return _manifest()["tables"].get(table, {}).get(row)
 
 
-def why_none(table: str, row: str) -> str | None:
-    entry = _manifest()["tables"].get(table, {}).get(row)
-    return entry.get("none") if isinstance(entry, dict) else None
+def release_of(table: str, row: str, column: str | None = None) -> Release | None:
+    entry = _entry(table, row)
+    if isinstance(entry, str):
+        return releases()[entry]
+    if isinstance(entry, dict) and column in entry and column != "none":
+        return releases()[entry[column]]
+    return None
+
+
+def why_none(table: str, row: str, column: str | None = None) -> str | None:
+    entry = _entry(table, row)
+    if not isinstance(entry, dict) or (column is not None and column in entry and column != "none"):
+        return None
+    return entry.get("none")
+
+
+def column_releases(table: str, row: str) -> dict[str, Release]:
+    """The columns of a row that a release fills on its own ({} for a whole-row entry or none)."""
+    entry = _entry(table, row)
+    return {c: releases()[n] for c, n in entry.items() if c != "none"} if isinstance(entry, dict) else {}
+
+
+def release_for_cell(spec, row: str, column: str) -> Release | None:
+    """The release whose evaluation fills this accuracy cell: a row's release fills the row's own
+    model's cells, not another model's (a `model_from` column such as the teacher's top-1), unless the
+    manifest names a release for that very column."""
+    if column in column_releases(spec.id, row):
+        return release_of(spec.id, row, column)
+    return None if spec.columns[column].model_from else release_of(spec.id, row, column)
+
+
+def accuracy_rows(spec) -> list[str]:
+    """The rows of a table with accuracy cells the paper prints for a model of the suite (not cited)."""
+    columns = {c.id for c in spec.columns.values() if c.kind == "accuracy"}
+    printed = {r for r, c in zip(spec.reference["row"], spec.reference["column"]) if c in columns}
+    return [r.id for r in spec.rows.values() if r.id in printed and not r.cited]
+
+
+def unlisted(spec) -> list[str]:
+    """Accuracy rows the manifest does not mention: neither a release nor why there is none."""
+    return [r for r in accuracy_rows(spec) if _entry(spec.id, r) is None]
 
 
 def tables() -> list[str]:
@@ -79,7 +122,8 @@ def tables() -> list[str]:
 
 
 def cells_of(release: str) -> list[tuple[str, str]]:
-    return [(t, r) for t, rows in _manifest()["tables"].items() for r, e in rows.items() if e == release]
+    return [(t, r) for t, rows in _manifest()["tables"].items() for r, e in rows.items()
+            if e == release or (isinstance(e, dict) and release in e.values())]
 
 
 def transform_of(release: Release) -> dict:
@@ -145,29 +189,36 @@ def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=None, ech
     from reproduce.engine import EngineError
 
     done = []
+    printed = set(zip(spec.reference["row"], spec.reference["column"]))
     for row in spec.rows.values():
-        release = release_of(spec.id, row.id)
-        if release is None or row.cited:
+        if row.cited:
             continue
-        path = find(release, weights_dir)
-        if path is None:
-            continue
-        columns = [c for c in spec.columns.values() if c.kind == "accuracy" and not c.model_from
-                   and (row.id, c.id) in set(zip(spec.reference["row"], spec.reference["column"]))]
-        folders = {spec.run_name(row.id, c.id): c for c in columns}
-        for folder, column in folders.items():
-            own = folder != row.id
+        columns = [c for c in spec.columns.values() if c.kind == "accuracy" and (row.id, c.id) in printed]
+        folders = {}  # run folder -> (column, release, whether the release is that column's own model)
+        for column in columns:
+            release = release_for_cell(spec, row.id, column.id)
+            if release is not None:
+                by_column = column.id in column_releases(spec.id, row.id)
+                folders.setdefault(spec.run_name(row.id, column.id), (column, release, by_column))
+        evaluated = False
+        for folder, (column, release, by_column) in folders.items():
+            path = find(release, weights_dir)
+            if path is None:
+                continue
             form = column.form or row.form
+            model = release.model if by_column else row.model
             try:
                 result = evaluate_into_cell(
-                    row.model, str(path), data, transform=transform_of(release), img_size=row.img_size, form=form,
+                    model, str(path), data, transform=transform_of(release), img_size=row.img_size, form=form,
                     output=RUNS / spec.id / folder, cell={"table": spec.id, "row": row.id,
-                                                          "column": column.id if own else None},
+                                                          "column": column.id if folder != row.id else None},
                     batch_size=batch_size, workers=EVAL_WORKERS if workers is None else workers, release=release.name,
-                    model_kwargs=row.model_kwargs)
+                    model_kwargs=None if by_column else row.model_kwargs)
             except EngineError as err:
                 raise WeightsError(f"{spec.id}/{row.id}: {err}") from None
             echo(f"{spec.id}/{folder}: {release.local_name} -> top-1 {result['top1']:.2f} "
                  f"({result['images']} images, {form} form)")
-        done.append(row.id)
+            evaluated = True
+        if evaluated:
+            done.append(row.id)
     return done

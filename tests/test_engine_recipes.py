@@ -2,6 +2,7 @@
 each row's own teachers, the dry run (one step at full size) and its planted errors, the fold check
 at the end of training, and the RePaFormer recipes behind every table that names them."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,30 @@ def test_dry_run_passes_and_caches(tmp_path):
     before = cache_key(load_recipe(path))
     path.write_text(path.read_text().replace("img_size: 64", "img_size: 96"))
     assert cache_key(load_recipe(path)) != before and cached_outcome(path) is None
+
+
+def test_dry_run_of_a_token_labeling_recipe_feeds_it_packed_label_maps(tmp_path):
+    """LV-ViT teachers train on token labels: the step gets generated maps through the joint
+    transform (before: IndexError in dense_targets, a traceback that stopped `dry-run --all`)."""
+    path = small(RECIPES / "sit" / "teachers" / "base.yaml", tmp_path,
+                 token_labeling={"label_size": 4}, model={"kwargs": {"depth": 2, "img_size": 64}})
+    outcome = dry_run(path)
+    assert outcome.ok, outcome.error
+    assert outcome.student == "lvvit_s" and math.isfinite(outcome.loss)
+
+
+def test_a_crash_of_the_suite_is_one_line_and_not_cached(tmp_path, monkeypatch):
+    from reproduce.engine import dryrun, token_labeling
+
+    def broken(*args, **kwargs):
+        raise IndexError("too many indices for tensor of dimension 1")
+
+    monkeypatch.setattr(token_labeling, "dense_targets", broken)
+    path = small(RECIPES / "sit" / "teachers" / "base.yaml", tmp_path,
+                 token_labeling={"label_size": 4}, model={"kwargs": {"depth": 2, "img_size": 64}})
+    outcome = dry_run(path)
+    assert not outcome.ok and "the suite crashed (IndexError" in outcome.error and "\n" not in outcome.error
+    assert cached_outcome(path) is None
 
 
 @pytest.mark.parametrize("fields, field", [

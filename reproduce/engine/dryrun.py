@@ -38,6 +38,7 @@ CACHE_DIR = Path(os.environ.get("REPRODUCE_DRYRUN_CACHE", ROOT / ".cache" / "dry
 NOT_RECIPES = ("tables", "protocols", "figures")  # folders of recipes/ that hold other data
 IGNORED_FIELDS = ("description", "path", "scale")  # do not change what a dry run builds
 BATCH = 2                                       # even (Mixup pairs images), > 1 (BatchNorm statistics)
+LABEL_MAP = 14                                  # side of the generated token-label maps
 
 
 @dataclass
@@ -160,18 +161,31 @@ def cached_outcome(path) -> DryRun | None:
 
 
 def _synthetic_batch(recipe: dict, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BATCH noise images of 256 x 320 pixels through the recipe's train transform, random labels."""
+    """BATCH noise images of 256 x 320 pixels through the recipe's train transform, random labels;
+    with token labeling, generated label maps through its joint transform, packed as the loader packs
+    them (engine/token_labeling.py)."""
     from PIL import Image
 
+    from reproduce.engine import token_labeling
     from reproduce.engine.data import build_transform
 
     cfg = recipe["data"]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)) for _ in range(BATCH)]
+    labels = torch.arange(BATCH) % num_classes
     with recipe_field(recipe, "data"):
         train = build_transform(cfg, True, cfg["img_size"], cfg.get("crop_pct", 0.9))
         build_transform(cfg, False, cfg["img_size"], cfg.get("crop_pct", 0.9))
-        rng = np.random.default_rng(0)
-        images = [train(Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))) for _ in range(BATCH)]
-    return torch.stack(images), torch.arange(BATCH) % num_classes
+        if not recipe.get("token_labeling", {}).get("enabled"):
+            return torch.stack([train(img) for img in noise]), labels
+    with recipe_field(recipe, "token_labeling"):
+        joint = token_labeling.TokenLabelTransform(cfg["img_size"], cfg)
+        g = torch.Generator().manual_seed(0)
+        packed = []
+        for img, label in zip(noise, labels.tolist()):
+            tensor, label_map, box = joint(img, token_labeling.generated_label_map(label, num_classes, LABEL_MAP, g))
+            packed.append((tensor, token_labeling.pack_target(label_map, box, label)))
+    return torch.stack([t for t, _ in packed]), torch.stack([p for _, p in packed])
 
 
 def _teacher_note(recipe: dict, where: str, what: str) -> str:
@@ -233,7 +247,8 @@ def dry_run(path, *, use_cache: bool = True) -> DryRun:
     """Prove the recipe at `path` at its real configuration (see the module docstring).
 
     Never raises for a problem of the recipe: the outcome says ok or gives the one-line error.
-    A successful or recipe-caused outcome is cached; an unexpected crash (out of memory) is not."""
+    A successful or recipe-caused outcome is cached; running out of memory or a crash of the suite
+    itself is not (one line, and the other recipes still run)."""
     from reproduce.engine.recipe import load_recipe
 
     start = time.time()
@@ -254,6 +269,13 @@ def dry_run(path, *, use_cache: bool = True) -> DryRun:
     except (MemoryError, torch.OutOfMemoryError) as err:
         return DryRun(recipe=_show(path), ok=False, error=f"{_show(path)}: out of memory ({err})",
                       seconds=time.time() - start)
+    except Exception as err:  # noqa: BLE001  a crash of the suite, not a recipe error: one line, not cached
+        import traceback
+
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        return DryRun(recipe=_show(path), ok=False, seconds=time.time() - start,
+                      error=f"{_show(path)}: the suite crashed ({type(err).__name__}: {str(err).splitlines()[0][:120]} "
+                            f"at {Path(frame.filename).name}:{frame.lineno}); please report it")
     finally:
         gc.collect()
     outcome.seconds = round(time.time() - start, 2)

@@ -200,25 +200,30 @@ class TokenLabelDataset(torch.utils.data.Dataset):
         return img, pack_target(label, box, target)
 
 
+def generated_label_map(target: int, num_classes: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """One map in the published (2, 5, size, size) format: the image's class on top everywhere, four
+    random others below."""
+    others = torch.randperm(num_classes, generator=g)
+    others = others[others != target][:4]
+    scores = torch.sort(torch.rand(5, generator=g), descending=True).values * 4 + torch.tensor([6., 0, 0, 0, 0])
+    if len(others) < 4:  # fewer than 5 classes: repeat the last one with its score (scatter stays exact)
+        scores[1 + len(others):] = scores[len(others)]
+        others = torch.cat([others, others[-1:].expand(4 - len(others))])
+    classes = torch.cat([torch.tensor([target]), others]).float()
+    return torch.stack([scores[:, None, None].expand(5, size, size), classes[:, None, None].expand(5, size, size)])
+
+
 def make_generated_label_maps(images, label_root, num_classes: int, size: int = 4, seed: int = 0) -> Path:
-    """Maps for a generated dataset (tests, smoke runs): the image's class on top everywhere, four
-    random others below, in the published format. Does nothing if the folder is complete."""
+    """Maps for a generated dataset (tests, smoke runs), one per image (`generated_label_map`).
+    Does nothing if the folder is complete."""
     label_root = Path(label_root)
     if (label_root / ".complete").exists():
         return label_root
     g = torch.Generator().manual_seed(seed)
     for path, target in images.reader.samples:
-        others = torch.randperm(num_classes, generator=g)
-        others = others[others != target][:4]
-        scores = torch.sort(torch.rand(5, generator=g), descending=True).values * 4 + torch.tensor([6., 0, 0, 0, 0])
-        if len(others) < 4:  # fewer than 5 classes: repeat the last one with its score (scatter stays exact)
-            scores[1 + len(others):] = scores[len(others)]
-            others = torch.cat([others, others[-1:].expand(4 - len(others))])
-        classes = torch.cat([torch.tensor([target]), others]).float()
-        label = torch.stack([scores[:, None, None].expand(5, size, size), classes[:, None, None].expand(5, size, size)])
         out = label_map_path(label_root, path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(label.half().clone(), out)
+        torch.save(generated_label_map(target, num_classes, size, g).half().clone(), out)
     (label_root / ".complete").touch()
     return label_root
 

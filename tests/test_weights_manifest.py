@@ -1,0 +1,207 @@
+"""The weights manifest (recipes/weights.yaml) against the tables it fills.
+
+Every row with accuracy cells is listed (a release, or why there is none); a release fills only cells
+of its own model at its own image size; a column-level release (e.g. one teacher's top-1 per column)
+is evaluated into that column's run and fills only that cell.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import riformer  # noqa: F401
+import timm
+from helpers import one_thread  # noqa: F401
+from reproduce import provenance, runner, weights
+from reproduce.cli import main
+from reproduce.engine.data import make_generated_dataset
+from reproduce.registry import load_table, table_ids
+
+SPECS = {table: load_table(table) for table in table_ids()}
+
+
+def test_every_accuracy_row_of_every_table_is_in_the_manifest():
+    unlisted = {table: weights.unlisted(spec) for table, spec in SPECS.items() if weights.unlisted(spec)}
+    assert not unlisted, f"rows with accuracy cells that recipes/weights.yaml does not mention: {unlisted}"
+
+
+def test_manifest_entries_fit_the_cells_they_fill():
+    problems = []
+    for table, rows in weights._manifest()["tables"].items():
+        spec = SPECS[table]
+        for row_id, entry in rows.items():
+            where = f"{table}/{row_id}"
+            if row_id not in spec.rows:
+                problems.append(f"{where}: no such row")
+                continue
+            row = spec.rows[row_id]
+            if isinstance(entry, str):
+                release = weights.releases()[entry]
+                if (release.model, release.img_size) != (row.model, row.img_size):
+                    problems.append(f"{where}: release {entry} is {release.model} at {release.img_size} px, "
+                                    f"the row {row.model} at {row.img_size} px")
+                continue
+            folders = {}
+            for column_id, release in weights.column_releases(table, row_id).items():
+                column = spec.columns.get(column_id)
+                if column is None or column.kind != "accuracy":
+                    problems.append(f"{where}: {column_id} is not an accuracy column")
+                    continue
+                model = row.settings.get(column.model_from) if column.model_from else row.model
+                if row.model is not None or column.model_from:  # sit-5's teacher row names no model
+                    if release.model != model:
+                        problems.append(f"{where}/{column_id}: {release.name} is {release.model}, the cell's "
+                                        f"model is {model}")
+                if release.img_size != row.img_size:
+                    problems.append(f"{where}/{column_id}: {release.name} is not at {row.img_size} px")
+                folders.setdefault(spec.run_name(row_id, column_id), set()).add(release.name)
+            problems += [f"{where}: {sorted(names)} would write the same run {folder}"
+                         for folder, names in folders.items() if len(names) > 1]
+    assert not problems, problems
+
+
+def test_a_teacher_column_names_the_teacher_its_row_trains_with():
+    """riformer-5, sit-2: the model a teacher's top-1 column evaluates is the row recipe's teacher."""
+    from reproduce.engine.recipe import load_recipe
+
+    checked = 0
+    for spec in SPECS.values():
+        for column in spec.columns.values():
+            if not (column.model_from or "").startswith("teacher"):
+                continue
+            for row in spec.rows.values():
+                if row.recipe and row.settings.get(column.model_from):
+                    recipe = load_recipe(spec_recipe(row.recipe))
+                    teacher = ((recipe.get("distill") or {}).get("teacher") or (recipe.get("frd") or {}).get("teacher")
+                               or {})
+                    assert teacher.get("model") == row.settings[column.model_from], f"{spec.id}/{row.id}"
+                    checked += 1
+    assert checked >= 8
+
+
+def spec_recipe(relpath):
+    from reproduce.registry import RECIPES
+
+    return RECIPES / relpath
+
+
+def test_every_release_names_a_model_and_a_source():
+    for release in weights.releases().values():
+        assert timm.is_model(release.model), f"{release.name}: {release.model} is not a registered model"
+        if release.timm_tag:
+            assert timm.models.get_pretrained_cfg(release.timm_tag) is not None, release.timm_tag
+            assert release.timm_tag.split(".")[0] == release.model, release.name
+        else:
+            assert release.file and release.url.startswith("https://") and release.layout, release.name
+            assert release.transform and release.transform_source, f"{release.name}: transform and its source"
+
+
+@pytest.fixture
+def scratch_manifest(tmp_path, monkeypatch):
+    """The real manifest with `changes` applied to its tables, read instead of recipes/weights.yaml."""
+    def write(**tables):
+        data = yaml.safe_load(weights.MANIFEST.read_text())
+        data["releases"].update(tables.pop("releases", {}))
+        for table, rows in tables.items():
+            data["tables"].setdefault(table, {}).update(rows)
+        path = tmp_path / "weights.yaml"
+        path.write_text(yaml.safe_dump(data))
+        monkeypatch.setattr(weights, "MANIFEST", path)
+        weights._manifest.cache_clear()
+
+    yield write
+    weights._manifest.cache_clear()
+
+
+def test_a_removed_row_is_reported_unlisted(scratch_manifest):
+    data = yaml.safe_load(weights.MANIFEST.read_text())
+    first = next(iter(data["tables"]["riformer-6"]))
+    scratch_manifest()
+    del weights._manifest()["tables"]["riformer-6"][first]
+    assert weights.unlisted(SPECS["riformer-6"]) == [first]
+
+
+def test_a_column_release_fills_only_its_own_cell(tmp_path, monkeypatch, scratch_manifest):
+    """sit-5's teacher row: one teacher per column. A release named for the `cait` column is
+    evaluated into runs/sit-5/teacher--cait with its own model, and fills that cell alone."""
+    monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
+    import reproduce.engine.cli as engine_cli
+    monkeypatch.setattr(engine_cli, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(weights, "EVAL_WORKERS", 0)
+    transform = {"resize": 36, "crop": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    scratch_manifest(releases={"stand_in": {"project": "test", "model": "pvig_ti_224", "file": "stand_in.pth",
+                                            "url": "https://example.org/stand_in.pth", "layout": "ours",
+                                            "transform": transform, "transform_source": "this test"}},
+                     **{"sit-5": {"teacher": {"cait": "stand_in", "none": "the others: not in this test"}}})
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save(timm.create_model("pvig_ti_224").state_dict(), folder / "stand_in.pth")
+    data = make_generated_dataset(tmp_path / "gen", classes=2, images_per_class=2, image_size=32)
+    args = ["table", "sit-5", "--columns", "accuracy", "--results-dir", str(tmp_path / "results"), "--quiet"]
+
+    result = CliRunner().invoke(main, args)  # before: the cell's note names the fast path
+    cells = _cells(tmp_path / "results", "sit-5")
+    assert "released weights stand_in.pth (test)" in cells.loc[("teacher", "cait"), "note"]
+    assert "stand_in" not in cells.loc[("teacher", "regnet"), "note"]
+
+    result = CliRunner().invoke(main, args + ["--weights", str(folder), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "sit-5" / "teacher--cait" / "result.json").is_file()
+    assert not (tmp_path / "runs" / "sit-5" / "teacher").exists()
+    monkeypatch.setattr(provenance, "IMAGENET_VAL", {"images": 4, "classes": 2})
+    CliRunner().invoke(main, args)
+    cells = _cells(tmp_path / "results", "sit-5")
+    assert cells.loc[("teacher", "cait"), "status"] != "pending"
+    assert "released weights stand_in.pth (stand_in)" in cells.loc[("teacher", "cait"), "note"]
+    assert (cells.xs("teacher", level="row").drop("cait").status == "pending").all()
+
+
+def _cells(results, table):
+    import pandas as pd
+
+    cells = pd.read_csv(next(Path(results).rglob(f"{table}.csv")), dtype=str, keep_default_na=False)
+    return cells.set_index(["row", "column"])
+
+
+def test_recipes_name_teacher_files_as_their_releases_are_saved():
+    """A teacher checkpoint a recipe names is the file `reproduce weights --download` saves (its
+    release's name), so a downloaded folder is found by the recipes that use it."""
+    from reproduce.engine.dryrun import recipe_files
+    from reproduce.engine.recipe import load_recipe
+
+    saved_as = {}
+    for release in weights.releases().values():
+        saved_as.setdefault(release.model, set()).add(release.local_name)
+    wrong = set()
+    for path in recipe_files():
+        recipe = load_recipe(path)
+        for section in ("distill", "frd", "imitation"):
+            for teacher in (recipe.get(section) or {}).values():
+                if isinstance(teacher, dict) and teacher.get("checkpoint") and teacher.get("model") in saved_as:
+                    if Path(teacher["checkpoint"]).name not in saved_as[teacher["model"]]:
+                        wrong.add(f"{path.name}: {teacher['checkpoint']} (release: {saved_as[teacher['model']]})")
+    assert not wrong, sorted(wrong)
+
+
+def test_weights_command_lists_every_row_and_what_the_folder_holds(tmp_path, scratch_manifest):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "pvt_small.pth").write_bytes(b"x")                       # no published checksum: found
+    (folder / weights.releases()["riformer_s12"].local_name).write_bytes(b"not it")  # fails its checksum
+    result = CliRunner().invoke(main, ["weights", "riformer-6", "sit-5", "--weights", str(folder)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()  # piped: Markdown, a line per row
+
+    def line(*parts):
+        return next((text for text in lines if all(part in text for part in parts)), None)
+
+    assert line("| pvt_small ", "pvt_small.pth (whai362/PVT)", "| ✓")
+    assert line("| riformer_s12 ", "not the published 6741ce71")
+    assert line("| teacher/cait ", "cait_s24_224.fb_dist_in1k.safetensors (timm)", "| missing")
+    assert line("| scratch ", "none: ablation students")   # sit-5: why nothing fills it
+    scratch_manifest()
+    del weights._manifest()["tables"]["sit-5"]["scratch"]
+    result = CliRunner().invoke(main, ["weights", "sit-5", "--weights", str(folder)])
+    assert "| scratch " in next(text for text in result.output.splitlines() if "not in recipes/weights.yaml" in text)
