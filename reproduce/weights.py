@@ -160,25 +160,44 @@ def find(release: Release, weights_dir) -> Path | None:
     return path
 
 
+BROWSER_ONLY = ("drive.google.com",)  # share pages, not files: a plain GET returns HTML
+
+
 def download(release: Release, weights_dir) -> Path:
-    """Fetch the release into `weights_dir` (needs a network); one-line WeightsError otherwise."""
+    """Fetch the release into `weights_dir` (needs a network), written atomically and checked
+    against its published checksum; one-line WeightsError otherwise."""
+    import shutil
+
+    from reproduce import files
+
     target = Path(weights_dir) / release.local_name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    elsewhere = f"download it elsewhere and put it in {weights_dir} as {release.local_name}"
+    if any(host in release.url for host in BROWSER_ONLY):
+        raise WeightsError(f"{release.name}: {release.url} is a share page, not a file: open it in a browser (or "
+                           f"use gdown) and save the file in {weights_dir} as {release.local_name}")
     try:
         if release.timm_tag:
             from huggingface_hub import hf_hub_download
 
             cached = hf_hub_download(f"timm/{release.timm_tag}", "model.safetensors")
-            target.write_bytes(Path(cached).read_bytes())
+            files.atomic_write(target, lambda f: f.write(Path(cached).read_bytes()))
         else:
             import urllib.request
 
-            urllib.request.urlretrieve(release.url, target)  # noqa: S310  (a published https URL)
+            with urllib.request.urlopen(release.url, timeout=60) as response:  # noqa: S310  (published https)
+                files.atomic_write(target, lambda f: shutil.copyfileobj(response, f))
     except Exception as err:  # noqa: BLE001  any network failure is the same one line
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsError(f"cannot download {release.name} ({release.url or 'hf-hub timm/' + release.timm_tag}): "
-                           f"{reason[:120]}; download it elsewhere and put it in {weights_dir} as "
-                           f"{release.local_name}") from None
+                           f"{reason[:120]}; {elsewhere}") from None
+    if target.read_bytes()[:512].lstrip()[:1] == b"<":  # an HTML page (a login or confirmation page)
+        target.unlink()
+        raise WeightsError(f"{release.name}: {release.url} returned a web page, not the file; {elsewhere}")
+    try:
+        find(release, weights_dir)
+    except WeightsError:
+        target.unlink()
+        raise
     return target
 
 

@@ -205,3 +205,25 @@ def test_weights_command_lists_every_row_and_what_the_folder_holds(tmp_path, scr
     del weights._manifest()["tables"]["sit-5"]["scratch"]
     result = CliRunner().invoke(main, ["weights", "sit-5", "--weights", str(folder)])
     assert "| scratch " in next(text for text in result.output.splitlines() if "not in recipes/weights.yaml" in text)
+
+
+def test_download_refuses_share_pages_and_keeps_no_partial_file(tmp_path, monkeypatch):
+    with pytest.raises(weights.WeightsError, match="share page, not a file"):
+        weights.download(weights.releases()["sit_ti"], tmp_path)
+    import io
+    import urllib.request
+
+    class Page(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Page(b"<!DOCTYPE html><html>sign in</html>"))
+    with pytest.raises(weights.WeightsError, match="returned a web page"):
+        weights.download(weights.releases()["pvt_small"], tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Page(b"PK\x03\x04 not the published file"))
+    with pytest.raises(weights.WeightsError, match="not the published 6741ce71"):
+        weights.download(weights.releases()["riformer_s12"], tmp_path)
+    assert list(tmp_path.iterdir()) == []
