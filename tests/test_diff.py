@@ -128,6 +128,27 @@ def test_a_deviation_removed_from_the_spec_fails_and_so_does_a_declared_value_th
     assert result.exit_code == 1 and "riformer_s12/macs: the spec's deviation expects 0.1500" in result.output
 
 
+def test_a_declared_cpu_gain_mismatch_that_now_matches_warns_but_a_stale_exact_one_fails(committed):
+    spec = copy.deepcopy(SPEC)
+    spec["rows"]["riformer_s12"]["deviations"]["throughput_gain"] = {"status": "mismatch", "device": "cpu",
+                                                                    "reason": "CPU gain"}
+    rewrite_spec(spec)
+    frame = report.read_results(csv_of(committed))
+    gain = (frame.row == "riformer_s12") & (frame.column == "throughput_gain")
+    frame.loc[gain, ["measured", "low", "high", "status"]] = ["+17.800", "+9.000", "+31.000", "match"]
+    report.write_csv(frame, csv_of(committed))
+    result = invoke("diff", "riformer-6", "--results-dir", committed, "--update")
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and "riformer_s12/throughput_gain: the spec declares a mismatch" in result.output
+
+    spec["rows"]["poolformer_s12"]["deviations"]["params"] = {"status": "mismatch", "measured": "11.915176",
+                                                              "reason": "stale"}
+    rewrite_spec(spec)
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1 and "poolformer_s12/params: the spec declares a mismatch, but it is match" \
+        in result.output
+
+
 def test_the_results_notes_give_the_declared_reason(committed):
     frame = report.read_results(csv_of(committed)).set_index(["row", "column"])
     assert frame.loc[("riformer_s12", "macs"), "note"].startswith(
