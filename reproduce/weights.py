@@ -180,7 +180,8 @@ def download(release: Release, weights_dir) -> Path:
             from huggingface_hub import hf_hub_download
 
             cached = hf_hub_download(f"timm/{release.timm_tag}", "model.safetensors")
-            files.atomic_write(target, lambda f: f.write(Path(cached).read_bytes()))
+            with open(cached, "rb") as source:
+                files.atomic_write(target, lambda f: shutil.copyfileobj(source, f))
         else:
             import urllib.request
 
@@ -190,7 +191,9 @@ def download(release: Release, weights_dir) -> Path:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsError(f"cannot download {release.name} ({release.url or 'hf-hub timm/' + release.timm_tag}): "
                            f"{reason[:120]}; {elsewhere}") from None
-    if target.read_bytes()[:512].lstrip()[:1] == b"<":  # an HTML page (a login or confirmation page)
+    with open(target, "rb") as written:
+        page = written.read(512).lstrip()[:1] == b"<"  # an HTML page (a login or confirmation page)
+    if page:
         target.unlink()
         raise WeightsError(f"{release.name}: {release.url} returned a web page, not the file; {elsewhere}")
     try:
