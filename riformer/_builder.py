@@ -200,6 +200,25 @@ def prune_after(model: nn.Module, indices, prune_norm: bool, prune_head: bool, t
     return take
 
 
+def stage_intermediates(stages, x, indices, stop_early: bool, intermediates_only: bool,
+                        step: Callable[[nn.Module, torch.Tensor], tuple], norm: Optional[nn.Module] = None):
+    """timm's `forward_intermediates` over a model's `stages`: `step(stage, x) -> (x, feature)` runs one
+    stage and gives the feature it exposes. Returns the features at `indices` and, unless
+    `intermediates_only`, the final features before them (`norm` applied when every stage ran)."""
+    from timm.models._features import feature_take_indices
+
+    take, last = feature_take_indices(len(stages), indices)
+    count = last + 1 if stop_early or intermediates_only else len(stages)
+    intermediates = []
+    for i, stage in enumerate(stages[:count]):
+        x, feature = step(stage, x)
+        if i in take:
+            intermediates.append(feature)
+    if intermediates_only:
+        return intermediates
+    return (norm(x) if norm is not None and count == len(stages) else x), intermediates
+
+
 def tokens_to_nchw(tokens: torch.Tensor, height, width) -> torch.Tensor:
     """(B, H*W, C) patch tokens as a (B, C, H, W) map."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)

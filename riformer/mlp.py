@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
 from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, load_local_checkpoint, local_checkpoint,
-                               prune_after, refuse_pretrained, register_timm_model)
+                               prune_after, refuse_pretrained, register_timm_model, stage_intermediates)
 from riformer.checkpoints import Layout, register_layouts
 
 __all__ = ["SwinMixer"]
@@ -170,17 +169,13 @@ class SwinMixer(nn.Module):
         and the final features (forward_features) unless `intermediates_only`; `norm` is accepted and
         ignored, as by timm's hierarchical models."""
         check_choice(output_fmt, ("NCHW", "NHWC"), "output_fmt")
-        take, last = feature_take_indices(len(self.stages), indices)
-        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.stages[:stages]):
+
+        def step(stage, x):
             x = stage(x)
-            if i in take:
-                intermediates.append(x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if stages == len(self.stages) else x), intermediates
+            return x, (x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x)
+
+        return stage_intermediates(self.stages, self.patch_embed(x), indices, stop_early, intermediates_only, step,
+                                   self.norm)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""

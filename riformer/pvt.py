@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
-from timm.models._features import feature_take_indices
 
 from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
-                               register_family_model, tokens_to_nchw)
+                               register_family_model, stage_intermediates, tokens_to_nchw)
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["PyramidVisionTransformer", "checkpoint_filter_fn"]
@@ -187,19 +186,13 @@ class PyramidVisionTransformer(LinearHead, nn.Module):
         the class token, before the final norm) at `indices`, and the final features (forward_features)
         unless `intermediates_only`. `norm` is accepted and ignored, as by timm's hierarchical models."""
         check_choice(output_fmt, ("NCHW",), "output_fmt")
-        take, last = feature_take_indices(len(self.stages), indices)
-        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
-        intermediates = []
-        for i, stage in enumerate(self.stages[:stages]):
+
+        def step(stage, x):
             x, height, width = stage.forward_tokens(x)
             grid = tokens_to_nchw(x[:, int(stage.cls_token is not None):], height, width)
-            if i in take:
-                intermediates.append(grid)
-            if stage.cls_token is None:
-                x = grid
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if stages == len(self.stages) else x), intermediates
+            return (grid if stage.cls_token is None else x), grid
+
+        return stage_intermediates(self.stages, x, indices, stop_early, intermediates_only, step, self.norm)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""

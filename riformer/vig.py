@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from riformer._builder import check_choice, imagenet_cfg, register_family_model
+from riformer._builder import check_choice, imagenet_cfg, register_family_model, stage_intermediates
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["PyramidViG", "checkpoint_filter_fn"]
@@ -234,15 +234,12 @@ class PyramidViG(nn.Module):
         """timm's feature API: each stage's output (NCHW) at `indices`, and the final features
         (forward_features) unless `intermediates_only`. `norm` is accepted and ignored (no final norm)."""
         check_choice(output_fmt, ("NCHW",), "output_fmt")
-        take, last = feature_take_indices(len(self.stages), indices)
-        stages = last + 1 if stop_early or intermediates_only else len(self.stages)
-        intermediates = []
-        x = self.embed(x)
-        for i, stage in enumerate(self.stages[:stages]):
+
+        def step(stage, x):
             x = stage.blocks(stage.downsample(x))
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+            return x, x
+
+        return stage_intermediates(self.stages, self.embed(x), indices, stop_early, intermediates_only, step)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last of `indices` (and the head); the absolute indices kept."""
