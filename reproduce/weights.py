@@ -212,16 +212,13 @@ def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=None, ech
 
     done = []
     printed = set(zip(spec.reference["row"], spec.reference["column"]))
-    for row in spec.rows.values():
-        if row.cited:
-            continue
-        columns = [c for c in spec.columns.values() if c.kind == "accuracy" and (row.id, c.id) in printed]
+    for row in map(spec.rows.get, accuracy_rows(spec)):
+        own_columns = column_releases(spec.id, row.id)
         folders = {}  # run folder -> (column, release, whether the release is that column's own model)
-        for column in columns:
-            release = release_for_cell(spec, row.id, column.id)
+        for column in spec.columns_of_kind("accuracy"):
+            release = release_for_cell(spec, row.id, column.id) if (row.id, column.id) in printed else None
             if release is not None:
-                by_column = column.id in column_releases(spec.id, row.id)
-                folders.setdefault(spec.run_name(row.id, column.id), (column, release, by_column))
+                folders.setdefault(spec.run_name(row.id, column.id), (column, release, column.id in own_columns))
         evaluated = False
         for folder, (column, release, by_column) in folders.items():
             path = find(release, weights_dir)

@@ -64,7 +64,7 @@ def test_manifest_entries_fit_the_cells_they_fill():
 
 def test_a_teacher_column_names_the_teacher_its_row_trains_with():
     """riformer-5, sit-2: the model a teacher's top-1 column evaluates is the row recipe's teacher."""
-    from reproduce.engine.recipe import load_recipe
+    from reproduce.registry import load_recipe
 
     checked = 0
     for spec in SPECS.values():
@@ -73,18 +73,12 @@ def test_a_teacher_column_names_the_teacher_its_row_trains_with():
                 continue
             for row in spec.rows.values():
                 if row.recipe and row.settings.get(column.model_from):
-                    recipe = load_recipe(spec_recipe(row.recipe))
+                    recipe = load_recipe(row.recipe)
                     teacher = ((recipe.get("distill") or {}).get("teacher") or (recipe.get("frd") or {}).get("teacher")
                                or {})
                     assert teacher.get("model") == row.settings[column.model_from], f"{spec.id}/{row.id}"
                     checked += 1
     assert checked >= 8
-
-
-def spec_recipe(relpath):
-    from reproduce.registry import RECIPES
-
-    return RECIPES / relpath
 
 
 def test_every_release_names_a_model_and_a_source():
