@@ -20,28 +20,14 @@ from rich.table import Table
 
 import riformer  # noqa: F401  (torchvision shim and model registration before anything else)
 from reproduce import measure
-from reproduce.registry import RegistryError, load_table, resolve_table_id, table_ids
+from reproduce.errors import SuiteError, console
+from reproduce.errors import device as _device
+from reproduce.errors import table_id as _table_id
+from reproduce.registry import RegistryError, load_table, table_ids
 
-console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 out = Console()
 
 COLUMN_CHOICES = {"params", "macs", "throughput", "accuracy", "settings"}
-
-
-class SuiteError(click.ClickException):
-    """A one-line error that names the thing to fix; exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        console.print(f"[bold red]error:[/] {self.message}", highlight=False)
-
-
-def _table_id(value: str) -> str:
-    try:
-        return resolve_table_id(value)
-    except RegistryError as e:
-        raise SuiteError(str(e)) from None
 
 
 def _spec(table_id: str):
@@ -290,13 +276,6 @@ def weights_command(table_ids, weights_dir, download):
                 console.print(f"downloaded {release.local_name}", highlight=False)
             except weights.WeightsError as err:
                 raise SuiteError(str(err)) from None
-
-
-def _device(device: str) -> str:
-    try:
-        return measure.resolve_device(device)
-    except measure.MeasureError as e:
-        raise SuiteError(str(e)) from None
 
 
 @main.command()

@@ -425,7 +425,7 @@ def write_figure(figure_id: str, frame: pd.DataFrame, fig, device: str,
 
 
 def _fail(message: str):
-    from reproduce.cli import SuiteError  # at call time: cli imports this module
+    from reproduce.errors import SuiteError
 
     raise SuiteError(message)
 

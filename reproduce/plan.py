@@ -499,7 +499,9 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
     from rich.console import Console
     from rich.table import Table
 
-    from reproduce.cli import SuiteError, _device, _table_id
+    from reproduce.errors import SuiteError
+    from reproduce.errors import device as _device
+    from reproduce.errors import table_id as _table_id
     from reproduce.registry import table_ids as all_ids
 
     if not table_ids and not all_tables:
