@@ -1,8 +1,6 @@
-"""What the suite covers of each table, and whether results still hold.
+"""Whether results still hold: `reproduce diff`.
 
-`reproduce list` counts a printed cell as coverable only when the path that fills it works here
-(`table_coverage`): its model builds, its setting resolves from a model or a recipe, its recipe
-builds its models (`recipe_runs`) or its released weights are known (`released_weights`).
+(What the suite covers of each table, `reproduce list`, is reproduce/coverage.py.)
 
 `reproduce diff` (`check_results`) judges a results file three ways:
 1. against the reference and the spec: every measured cell's status is recomputed from its value
@@ -15,209 +13,18 @@ builds its models (`recipe_runs`) or its released weights are known (`released_w
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import timm
 
-from reproduce import files, measure, report
-from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES, RegistryError, load_table, table_ids
-from reproduce.runner import (CACHE_DIR, RESULTS_DIR, MeasurementCache, TableRun, source_fingerprint,
-                              write_results)
+from reproduce import measure, report
+from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RegistryError, load_table, table_ids
+from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun, write_results
 
 STATIC = ("params", "macs")
-COVERAGE_KINDS = ("static", "throughput", "accuracy", "setting")
 EXACT_KINDS = ("params", "macs", "setting", "accuracy")  # a value that must not move between runs
-
-
-# ---------------------------------------------------------------------------------------------
-# Does a path work here? Each answer is cached on disk under .cache/coverage, keyed by what it
-# depends on and the code fingerprint, so a second `reproduce list` is quick.
-
-def _coverage_dir() -> Path:
-    return Path(CACHE_DIR).parent / "coverage"
-
-
-def _cached(what: str, payload, check) -> tuple[bool, str]:
-    key = json.dumps({"what": what, "payload": payload, "code": source_fingerprint()}, sort_keys=True, default=str)
-    path = _coverage_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
-    try:
-        ok, why = json.loads(path.read_text())["answer"]
-        return bool(ok), str(why)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    ok, why = check()
-    files.atomic_write_text(path, json.dumps({"key": key, "answer": [ok, why]}))
-    return ok, why
-
-
-def _build(name: str, kwargs: dict, form: str = "train"):
-    """A model at full size: on the meta device where its construction allows, else for real."""
-    try:
-        return measure.build_model(name, kwargs, form, meta=True)
-    except (NotImplementedError, RuntimeError) as e:
-        if isinstance(e, measure.MeasureError):
-            raise
-        return measure.build_model(name, kwargs, form)
-
-
-def model_builds(name: str | None, kwargs: dict | None = None, form: str = "train") -> tuple[bool, str]:
-    """(True, "") if `timm.create_model(name, **kwargs)` builds in `form`, else (False, why)."""
-    if not name or name not in timm.list_models():
-        return False, f"model not implemented: {name}"
-
-    def check():
-        try:
-            _build(name, kwargs or {}, form)
-            return True, ""
-        except Exception as e:  # any failure is the answer
-            return False, f"{type(e).__name__}: {e}"
-
-    return _cached("model", [name, kwargs or {}, form], check)
-
-
-def recipe_runs(recipe_path) -> tuple[bool, str]:
-    """Whether a training recipe works here. The dry run's stored outcome decides where there is one
-    (`reproduce dry-run`, `make dry-run`: the full-size student and teachers, one optimizer step at the
-    real image size, the fold); without one, the recipe must load (full scale) and its student and
-    every teacher it trains with must build at full size with `timm.create_model` (no weights are
-    loaded), the student with the token mixer the recipe names. Returns (ok, the reason when not)."""
-    from reproduce.engine import EngineError, dryrun
-    from reproduce.engine.recipe import load_recipe as engine_load_recipe
-    from reproduce.engine.train import check_token_mixer
-
-    try:
-        recipe = engine_load_recipe(Path(recipe_path))
-    except EngineError as e:
-        return False, str(e)
-    outcome = dryrun.cached_outcome(recipe_path)
-    if outcome is not None:
-        return outcome.ok, outcome.error
-    content = {k: v for k, v in recipe.items() if k not in ("path", "scale")}
-
-    def check():
-        model, classes = recipe["model"], recipe["model"]["num_classes"]
-        wanted = [("student", model["name"], model.get("kwargs") or {})]
-        distill, imitation = recipe.get("distill") or {}, recipe.get("imitation") or {}
-        if distill.get("type", "none") != "none":
-            wanted.append(("distillation teacher", distill["teacher"].get("model"), distill["teacher"].get("kwargs") or {}))
-        if imitation.get("enabled"):
-            wanted.append(("imitation teacher", imitation["teacher"].get("model"), imitation["teacher"].get("kwargs") or {}))
-        for role, name, kwargs in wanted:
-            if not name or name not in timm.list_models():
-                return False, f"{role} {name!r} is not a timm model"
-            try:
-                built = _build(name, {"num_classes": classes, **kwargs})
-                if role == "student":
-                    check_token_mixer(built, model.get("token_mixer"), str(recipe_path))
-            except Exception as e:  # the reason is the answer
-                return False, f"{role} {name} does not build: {type(e).__name__}: {e}"
-        return True, ""
-
-    return _cached("recipe", content, check)
-
-
-def released_weights(spec, row_id: str, column_id: str) -> bool:
-    """Whether the weights manifest (recipes/weights.yaml) names a release that fills this accuracy cell."""
-    from reproduce import weights
-
-    return weights.release_for_cell(spec, row_id, column_id) is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# Coverage (`reproduce list`)
-
-def _kind(spec, column_id: str) -> str:
-    column = spec.columns[column_id]
-    kind = spec.columns[column.of].kind if column.kind in DERIVED_KINDS else column.kind
-    return "static" if kind in STATIC else kind
-
-
-def _operands(spec, row, column) -> list[tuple[str, str]]:
-    """The measured cells behind a cell: itself, or the two a derived column combines."""
-    if column.kind not in DERIVED_KINDS:
-        return [(row.id, column.id)]
-    over = (row.id, column.over) if column.over else (row.baseline, column.of) if row.baseline else None
-    return [(row.id, column.of)] + ([over] if over else [])
-
-
-def _cell_coverable(spec, run: TableRun, row_id: str, column_id: str, operand: bool = False) -> bool:
-    """Whether the path that fills this cell works here; `operand`: the cell is only an input of a
-    derived cell (a gain needs its throughputs measured, not comparable)."""
-    row, column = spec.rows[row_id], spec.columns[column_id]
-    if row.cited:
-        return False
-    kind = _kind(spec, column_id)
-    if kind == "setting":
-        try:
-            return not run.setting_value(row, column)[2]  # declared values cover nothing
-        except Exception:  # pending: not resolvable here
-            return False
-    if column.kind in DERIVED_KINDS:
-        operands = _operands(spec, row, column)
-        return len(operands) == 2 and all(_cell_coverable(spec, run, r, c, operand=True) for r, c in operands)
-    if kind == "accuracy":
-        recipe = spec.recipe_of(row_id, column_id)
-        return bool(recipe and recipe_runs(RECIPES / recipe)[0]) or released_weights(spec, row_id, column_id)
-    if row.pending:
-        return False
-    target = run.target(row, column)
-    if kind == "throughput" and (run.protocol_spec is None or (not operand and not run.on_paper_device())):
-        return False  # absolute images/s compare only on the paper's device
-    return model_builds(target.model, json.loads(target.kwargs), target.form)[0]
-
-
-def _inputs_digest(spec) -> str:
-    """What a table's coverage depends on besides the code: its spec, reference and every recipe."""
-    digest = hashlib.sha1()
-    for path in [spec.spec_path, *sorted(RECIPES.rglob("*.yaml"))]:
-        if path and path.exists():
-            digest.update(path.read_bytes())
-    digest.update(spec.reference.to_csv(index=False).encode())
-    return digest.hexdigest()
-
-
-@dataclass
-class Coverage:
-    """Per kind (static, throughput, accuracy, setting): printed cells coverable here, and all."""
-    can: Counter = field(default_factory=Counter)
-    total: Counter = field(default_factory=Counter)
-    statuses: Counter | None = None     # of the last results on this device; None: no results
-
-    def text(self, kind: str) -> str:
-        return f"{self.can[kind]}/{self.total[kind]}" if self.total[kind] else "–"
-
-    def results_text(self) -> str:
-        if self.statuses is None:
-            return "none"
-        return " ".join(f"{self.statuses[s]}{report.STATUS_MARK[s] if s != 'cited' else 'c'}"
-                        for s in report.STATUSES if self.statuses[s])
-
-
-def table_coverage(spec, device: str = "cpu", results_dir: Path | None = None) -> Coverage:
-    def count():
-        run = TableRun(spec, device, show_progress=False)
-        can, total = Counter(), Counter()
-        for ref in spec.reference.itertuples():
-            if ref.reported in NOT_REPORTED:
-                continue
-            kind = _kind(spec, ref.column)
-            total[kind] += 1
-            can[kind] += _cell_coverable(spec, run, ref.row, ref.column)
-        return True, json.dumps({"can": can, "total": total})
-
-    _, counted = _cached("coverage", [spec.id, device, measure.device_tag(device), _inputs_digest(spec)], count)
-    numbers = json.loads(counted)
-    coverage = Coverage(Counter(numbers["can"]), Counter(numbers["total"]))
-    path = Path(results_dir or RESULTS_DIR) / measure.device_tag(device) / f"{spec.id}.csv"
-    if path.exists():
-        coverage.statuses = Counter(report.read_results(path)["status"])
-    return coverage
 
 
 def results_files(ids: list[str] | None, results_dir: Path | None = None) -> list[Path]:

@@ -80,7 +80,7 @@ def list_tables(fmt, device, results_dir):
     """Every table and how much of it the suite can fill here (the first call builds each model once)."""
     from rich.progress import Progress
 
-    from reproduce.checks import COVERAGE_KINDS, table_coverage
+    from reproduce.coverage import COVERAGE_KINDS, table_coverage
 
     device = _device(device)
     lines = []

@@ -8,6 +8,7 @@ and every result carries the metadata needed to read it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -408,3 +411,17 @@ def measure_throughput(model: nn.Module, img_size: int, protocol: Protocol, devi
 def cache_key(**parts) -> str:
     """A stable key for the measurement cache (see runner.MeasurementCache)."""
     return json.dumps(parts, sort_keys=True, default=str)
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=None)
+def source_fingerprint() -> str:
+    """Hash of the code that defines models and counting: a change invalidates cached numbers."""
+    sources = sorted((_ROOT / "riformer").glob("*.py")) + [_ROOT / "reproduce" / "measure.py",
+                                                            _ROOT / "reproduce" / "op_counters.py"]
+    digest = hashlib.sha1()
+    for path in sources:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

@@ -34,7 +34,8 @@ import pandas as pd
 
 from reproduce import files, measure
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, PAPERS, RECIPES, RegistryError, load_recipe, load_table
-from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun, source_fingerprint
+from reproduce.measure import source_fingerprint
+from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
 
 TRAIN_IMAGES = 1_281_167   # ImageNet-1k train
 EVAL_IMAGES = 50_000       # ImageNet-1k validation

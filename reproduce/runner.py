@@ -13,13 +13,14 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reproduce import files, measure, report, weights
+from reproduce.buildable import recipe_runs
+from reproduce.measure import source_fingerprint
 from reproduce.registry import (DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, _show, load_protocol,
                                load_recipe)
 
@@ -27,17 +28,6 @@ RESULTS_DIR = ROOT / "results"
 RUNS_DIR = ROOT / "runs"
 CACHE_DIR = Path(os.environ.get("REPRODUCE_CACHE", ROOT / ".cache" / "measurements"))
 MEASURABLE = ("params", "macs", "throughput")
-
-
-@lru_cache(maxsize=None)
-def source_fingerprint() -> str:
-    """Hash of the code that defines models and counting: a change invalidates cached numbers."""
-    sources = sorted((ROOT / "riformer").glob("*.py")) + [ROOT / "reproduce" / "measure.py",
-                                                           ROOT / "reproduce" / "op_counters.py"]
-    digest = hashlib.sha1()
-    for path in sources:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 class MeasurementCache:
@@ -352,8 +342,6 @@ class TableRun:
             recipe = row.recipe or column.recipe
             if not recipe:
                 raise SourceDoesNotApply("the row has no recipe")
-            from reproduce.checks import recipe_runs
-
             if not (RECIPES / recipe).is_file():
                 raise SourceDoesNotApply(f"the row's recipe {recipe} is not written yet")
             runs, why = recipe_runs(RECIPES / recipe)

@@ -155,7 +155,7 @@ def scratch_table(tmp_path, monkeypatch, spec, reference_table, protocol_cpu=Non
     Returns the results folder to pass as --results-dir."""
     import pandas as pd
 
-    from reproduce import registry, runner
+    from reproduce import buildable, registry, runner
 
     recipes, reference = tmp_path / "recipes", tmp_path / "reference"
     (recipes / "tables").mkdir(parents=True)
@@ -177,6 +177,7 @@ def scratch_table(tmp_path, monkeypatch, spec, reference_table, protocol_cpu=Non
     monkeypatch.setattr(registry, "TABLES_DIR", recipes / "tables")
     monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
     monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache" / "measurements")
+    monkeypatch.setattr(buildable, "CACHE_DIR", tmp_path / "cache" / "coverage")
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
     registry.load_table.cache_clear()
     return tmp_path / "results"

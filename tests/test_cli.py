@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from reproduce import cli, measure, registry, report, runner
+from reproduce import buildable, cli, measure, registry, report, runner
 
 REAL_REFERENCE = registry.REFERENCE_DIR / "riformer-6.csv"
 ROWS = ["poolformer_s12", "riformer_s12"]
@@ -46,6 +46,7 @@ def small_table(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "TABLES_DIR", recipes / "tables")
     monkeypatch.setattr(registry, "REFERENCE_DIR", reference)
     monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(buildable, "CACHE_DIR", tmp_path / "coverage")
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
     registry.load_table.cache_clear()
     yield tmp_path
