@@ -306,6 +306,37 @@ def reference_problems(spec, frame: pd.DataFrame, device_tag: str, complete: boo
     return problems, warnings
 
 
+def accuracy_problems(spec, frame: pd.DataFrame, device: str = "cpu") -> list[str]:
+    """A filled accuracy cell needs an accepted run behind it (reproduce/provenance.py) whose number
+    is the one written, whatever the CSV says and whether committed or not; a filled derived cell
+    (a difference of accuracies) needs both its operands filled."""
+    run = TableRun(spec, device, show_progress=False)
+    problems, recorded = [], {(r.row, r.column): r for r in frame.itertuples()}
+    for cell in frame.itertuples():
+        if cell.row not in spec.rows or cell.column not in spec.columns or not cell.measured:
+            continue
+        row, column = spec.rows[cell.row], spec.columns[cell.column]
+        if run.base_kind(column) != "accuracy" or row.cited:
+            continue
+        name = f"{cell.row}/{cell.column}"
+        if column.kind in DERIVED_KINDS:
+            empty = [f"{r}/{c}" for r, c in _operands(spec, row, column)
+                     if not getattr(recorded.get((r, c)), "measured", "")]
+            if empty:
+                problems.append(f"{name}: filled with {cell.measured}, but {', '.join(empty)} it is computed "
+                                "from is not measured (edited by hand?)")
+            continue
+        value = run.accuracy_value(row, column)
+        if value is None:
+            why = run.refused.get((row.id, column.id)) or (
+                f"no runs/{spec.id}/{spec.run_name(row.id, column.id)}/result.json")
+            problems.append(f"{name}: filled with {cell.measured}, but no accepted run is behind it ({why})")
+        elif report.format_measured(value, cell.reported, "accuracy") != cell.measured:
+            problems.append(f"{name}: filled with {cell.measured}, but its accepted run says "
+                            f"{report.format_measured(value, cell.reported, 'accuracy')} (edited by hand?)")
+    return problems
+
+
 def _delta(old: str, new: str) -> str:
     a, b = report.parse_number(old), report.parse_number(new)
     return f"{b[0] - a[0]:+.4g}" if a and b else "changed"
@@ -376,6 +407,7 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
         return found
     device_tag = path.parent.name
     found.problems, found.warnings = reference_problems(spec, frame, device_tag)
+    found.problems += accuracy_problems(spec, frame, device)
     for row in spec.rows.values():
         for column_id in row.deviations:
             if not (spec.reference[(spec.reference.row == row.id) & (spec.reference.column == column_id)]).size:
