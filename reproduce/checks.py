@@ -8,10 +8,12 @@ builds its models (`recipe_runs`) or its released weights are known (`released_w
 1. against the reference and the spec: every measured cell's status is recomputed from its value
    and range, and a cell outside tolerance passes only if the spec declares it as an accepted
    deviation (with that status and, for exact cells, that value);
-2. against the committed results of the same device (git): params, MACs, settings and accuracy
+2. against the committed results of the same device (git; `baseline_revision`: HEAD for uncommitted
+   work, HEAD~1 when the file is as committed, as in CI): params, MACs, settings and accuracy
    must not move at all, a throughput gain's range must still overlap the accepted one;
-3. with `remeasure`, against a fresh measurement: params and MACs of every row, and the table's
-   guard gains (`guards:` in its spec) timed again.
+3. with `remeasure`, against a fresh measurement: params and MACs of every row, every setting
+   cell read again from its recipe (resolved with its bases) or model, and the table's guard gains
+   (`guards:` in its spec) timed again.
 """
 from __future__ import annotations
 
@@ -395,7 +397,29 @@ def committed_results(path: Path, ref: str = "HEAD") -> tuple[pd.DataFrame | Non
         return None, f"the results committed at {ref} do not read ({e})"
 
 
-def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", update: bool = False,
+def baseline_revision(path: Path, against: str = "auto") -> str:
+    """The git revision whose committed results `path` is compared with. `auto` (CI's default):
+    HEAD when the file differs from HEAD (uncommitted work is compared with what is committed);
+    when it equals HEAD (a fresh clone, CI), HEAD~1, the previous state of the branch (for a merge
+    commit its first parent: main before the merge), so that a committed edit is compared with
+    what came before it, never with itself. Any other value is used as given."""
+    if against != "auto":
+        return against
+    folder = path.resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+
+    try:
+        tracked = git("ls-files", "--error-unmatch", path.name).returncode == 0
+        changed = git("diff", "--quiet", "HEAD", "--", path.name).returncode != 0
+        has_parent = git("rev-parse", "--verify", "-q", "HEAD~1").returncode == 0
+    except OSError:
+        return "HEAD"
+    return "HEAD" if (changed or not tracked or not has_parent) else "HEAD~1"
+
+
+def check_results(path: Path, remeasure: bool = False, against: str = "auto", update: bool = False,
                   device: str = "cpu", show_progress: bool = False) -> Findings:
     """Everything `reproduce diff` says about one results CSV (see the module docstring)."""
     found = Findings()
@@ -413,7 +437,7 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
             if not (spec.reference[(spec.reference.row == row.id) & (spec.reference.column == column_id)]).size:
                 found.warnings.append(f"{row.id}/{column_id}: a deviation is declared for a cell the paper does not print")
 
-    accepted, found.baseline = committed_results(path, against)
+    accepted, found.baseline = committed_results(path, baseline_revision(path, against))
     if accepted is not None:
         failures, moves = compare_with(spec, accepted, frame, found.baseline)
         found.moved += moves
@@ -435,8 +459,8 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
 
 
 def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
-    """Params and MACs of every row, and (on the device the results are from) the guard gains,
-    measured afresh without the cache."""
+    """Params and MACs of every row, every setting read again, and (on the device the results are
+    from) the guard gains, measured afresh without the cache."""
     cache = MeasurementCache(enabled=False)
     static = TableRun(spec, device, kinds=set(STATIC), cache=cache, show_progress=show_progress)
     frames = [static.run()]
@@ -448,5 +472,7 @@ def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
         meta = guards.meta()
     fresh = pd.concat(frames, ignore_index=True)
     kinds = {c.id: (spec.columns[c.of].kind if c.kind in DERIVED_KINDS else c.kind) for c in spec.columns.values()}
-    keep = [kinds[c] in STATIC or (r, c) in spec.guards for r, c in zip(fresh.row, fresh.column)]
+    # settings are read again too (from the recipe resolved with its bases, or the built model)
+    keep = [kinds[c] in STATIC or kinds[c] == "setting" or (r, c) in spec.guards
+            for r, c in zip(fresh.row, fresh.column)]
     return fresh[keep].reset_index(drop=True), meta

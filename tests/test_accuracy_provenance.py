@@ -196,3 +196,18 @@ def test_a_filled_cell_whose_number_differs_from_its_run_fails_the_diff(table):
     outcome = invoke("diff", "riformer-2", "--results-dir", results)
     assert outcome.exit_code == 1
     assert f"{ROW}/top1: filled with 72.3100, but its accepted run says 73.6400" in outcome.output
+
+
+def test_a_recipe_edited_after_its_results_fails_the_remeasured_diff(table):
+    """`diff --remeasure` reads every setting cell again from its recipe, resolved with its bases."""
+    results, _ = table
+    table_cell(results)
+    assert invoke("diff", "riformer-2", "--remeasure", "--results-dir", results).exit_code == 0
+    base = registry.RECIPES / "riformer" / "table1" / "identity_ce_loss.yaml"
+    recipe = registry.RECIPES / RECIPE
+    recipe.write_text(recipe.read_text().replace("type: soft", "type: hard"))
+    outcome = invoke("diff", "riformer-2", "--remeasure", "--results-dir", results)
+    assert outcome.exit_code == 1, outcome.output
+    assert f"re-measured {ROW}/teacher: undeclared mismatch" in outcome.output or \
+           f"{ROW}/teacher: moved from soft to hard" in outcome.output, outcome.output
+    assert base.is_file()

@@ -175,3 +175,21 @@ def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeyp
     result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", results)
     assert result.exit_code == 1, result.output
     assert "re-measured riformer_s12/throughput_gain: undeclared mismatch: reported 17.8, measured -" in result.output
+
+
+def test_a_committed_edit_is_compared_with_the_state_before_it_not_with_itself(committed):
+    """CI diffs a fresh clone: the file equals HEAD, so the baseline is HEAD~1 (issue 19)."""
+    path = csv_of(committed)
+    frame = report.read_results(path)
+    params = (frame.row == "riformer_s12") & (frame.column == "params")
+    frame.loc[params, "measured"] = "11.675176"  # 0.24 M fewer, still "12" at the printed precision
+    report.write_csv(frame, path)
+    uncommitted = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert uncommitted.exit_code == 1 and "committed at HEAD" in uncommitted.output
+    assert "riformer_s12/params: moved from 11.915176 to 11.675176" in uncommitted.output
+    git(committed.parent, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edited")
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1, result.output
+    assert "riformer_s12/params: moved from 11.915176 to 11.675176 (-0.24) since the results committed at " \
+           "HEAD~1" in result.output
+    assert invoke("diff", "riformer-6", "--results-dir", committed, "--against", "HEAD").exit_code == 0
