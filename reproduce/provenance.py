@@ -148,7 +148,7 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
             return None, f"its {name} {value!r} is not a percentage"
     data = result["data"]
-    images = result.get("images", data["images"])
+    images = data["images"] if result.get("images") is None else result["images"]
     if data["split"] not in VAL_SPLITS or data["images"] != IMAGENET_VAL["images"] \
             or images != data["images"] or data["classes"] != IMAGENET_VAL["classes"]:
         counted = data["images"] if images == data["images"] else f"{data['images']} (evaluated: {images})"
