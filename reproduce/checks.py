@@ -6,10 +6,12 @@
 1. against the reference and the spec: every measured cell's status is recomputed from its value
    and range, and a cell outside tolerance passes only if the spec declares it as an accepted
    deviation (with that status and, for exact cells, that value);
-2. against the committed results of the same device (git): params, MACs, settings and accuracy
+2. against the committed results of the same device (git; `baseline_revision`: HEAD for uncommitted
+   work, HEAD~1 when the file is as committed, as in CI): params, MACs, settings and accuracy
    must not move at all, a throughput gain's range must still overlap the accepted one;
-3. with `remeasure`, against a fresh measurement: params and MACs of every row, and the table's
-   guard gains (`guards:` in its spec) timed again.
+3. with `remeasure`, against a fresh measurement: params and MACs of every row, every setting
+   cell read again from its recipe (resolved with its bases) or model, and the table's guard gains
+   (`guards:` in its spec) timed again.
 """
 from __future__ import annotations
 
@@ -113,6 +115,37 @@ def reference_problems(spec, frame: pd.DataFrame, device_tag: str, complete: boo
     return problems, warnings
 
 
+def accuracy_problems(spec, frame: pd.DataFrame, device: str = "cpu") -> list[str]:
+    """A filled accuracy cell needs an accepted run behind it (reproduce/provenance.py) whose number
+    is the one written, whatever the CSV says and whether committed or not; a filled derived cell
+    (a difference of accuracies) needs both its operands filled."""
+    run = TableRun(spec, device, show_progress=False)
+    problems, recorded = [], {(r.row, r.column): r for r in frame.itertuples()}
+    for cell in frame.itertuples():
+        if cell.row not in spec.rows or cell.column not in spec.columns or not cell.measured:
+            continue
+        row, column = spec.rows[cell.row], spec.columns[cell.column]
+        if run.base_kind(column) != "accuracy" or row.cited:
+            continue
+        name = f"{cell.row}/{cell.column}"
+        if column.kind in DERIVED_KINDS:
+            empty = [f"{r}/{c}" for r, c in _operands(spec, row, column)
+                     if not getattr(recorded.get((r, c)), "measured", "")]
+            if empty:
+                problems.append(f"{name}: filled with {cell.measured}, but {', '.join(empty)} it is computed "
+                                "from is not measured (edited by hand?)")
+            continue
+        value = run.accuracy_value(row, column)
+        if value is None:
+            why = run.refused.get((row.id, column.id)) or (
+                f"no runs/{spec.id}/{spec.run_name(row.id, column.id)}/result.json")
+            problems.append(f"{name}: filled with {cell.measured}, but no accepted run is behind it ({why})")
+        elif report.format_measured(value, cell.reported, "accuracy") != cell.measured:
+            problems.append(f"{name}: filled with {cell.measured}, but its accepted run says "
+                            f"{report.format_measured(value, cell.reported, 'accuracy')} (edited by hand?)")
+    return problems
+
+
 def _delta(old: str, new: str) -> str:
     a, b = report.parse_number(old), report.parse_number(new)
     return f"{b[0] - a[0]:+.4g}" if a and b else "changed"
@@ -171,7 +204,29 @@ def committed_results(path: Path, ref: str = "HEAD") -> tuple[pd.DataFrame | Non
         return None, f"the results committed at {ref} do not read ({e})"
 
 
-def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", update: bool = False,
+def baseline_revision(path: Path, against: str = "auto") -> str:
+    """The git revision whose committed results `path` is compared with. `auto` (CI's default):
+    HEAD when the file differs from HEAD (uncommitted work is compared with what is committed);
+    when it equals HEAD (a fresh clone, CI), HEAD~1, the previous state of the branch (for a merge
+    commit its first parent: main before the merge), so that a committed edit is compared with
+    what came before it, never with itself. Any other value is used as given."""
+    if against != "auto":
+        return against
+    folder = path.resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+
+    try:
+        tracked = git("ls-files", "--error-unmatch", path.name).returncode == 0
+        changed = git("diff", "--quiet", "HEAD", "--", path.name).returncode != 0
+        has_parent = git("rev-parse", "--verify", "-q", "HEAD~1").returncode == 0
+    except OSError:
+        return "HEAD"
+    return "HEAD" if (changed or not tracked or not has_parent) else "HEAD~1"
+
+
+def check_results(path: Path, remeasure: bool = False, against: str = "auto", update: bool = False,
                   device: str = "cpu", show_progress: bool = False) -> Findings:
     """Everything `reproduce diff` says about one results CSV (see the module docstring)."""
     found = Findings()
@@ -183,12 +238,13 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
         return found
     device_tag = path.parent.name
     found.problems, found.warnings = reference_problems(spec, frame, device_tag)
+    found.problems += accuracy_problems(spec, frame, device)
     for row in spec.rows.values():
         for column_id in row.deviations:
             if not (spec.reference[(spec.reference.row == row.id) & (spec.reference.column == column_id)]).size:
                 found.warnings.append(f"{row.id}/{column_id}: a deviation is declared for a cell the paper does not print")
 
-    accepted, found.baseline = committed_results(path, against)
+    accepted, found.baseline = committed_results(path, baseline_revision(path, against))
     if accepted is not None:
         failures, moves = compare_with(spec, accepted, frame, found.baseline)
         found.moved += moves
@@ -210,8 +266,8 @@ def check_results(path: Path, remeasure: bool = False, against: str = "HEAD", up
 
 
 def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
-    """Params and MACs of every row, and (on the device the results are from) the guard gains,
-    measured afresh without the cache."""
+    """Params and MACs of every row, every setting read again, and (on the device the results are
+    from) the guard gains, measured afresh without the cache."""
     cache = MeasurementCache(enabled=False)
     static = TableRun(spec, device, kinds=set(STATIC), cache=cache, show_progress=show_progress)
     frames = [static.run()]
@@ -223,5 +279,7 @@ def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
         meta = guards.meta()
     fresh = pd.concat(frames, ignore_index=True)
     kinds = {c.id: (spec.columns[c.of].kind if c.kind in DERIVED_KINDS else c.kind) for c in spec.columns.values()}
-    keep = [kinds[c] in STATIC or (r, c) in spec.guards for r, c in zip(fresh.row, fresh.column)]
+    # settings are read again too (from the recipe resolved with its bases, or the built model)
+    keep = [kinds[c] in STATIC or kinds[c] == "setting" or (r, c) in spec.guards
+            for r, c in zip(fresh.row, fresh.column)]
     return fresh[keep].reset_index(drop=True), meta

@@ -287,8 +287,9 @@ def weights_command(table_ids, weights_dir, download):
 @click.option("--update", is_flag=True,
               help="accept the cells that moved as the new baseline (with --remeasure: write the new "
                    "measurement into the results file); commit the file to record it")
-@click.option("--against", default="HEAD", show_default=True,
-              help="git revision whose committed results are the baseline")
+@click.option("--against", default="auto", show_default=True,
+              help="git revision whose committed results are the baseline; auto: HEAD if the file differs "
+                   "from it, else HEAD~1 (the previous state, what CI compares with)")
 def diff(table_ids, all_results, results_dir, remeasure, update, against):
     """Check results against the reference, the spec's accepted deviations and the committed results;
     exit 1 on an undeclared mismatch, a moved number, a missing result."""

@@ -7,9 +7,12 @@ written by `write_result`, with this schema (SCHEMA = 1):
     schema, table, row, column        the cell (column null: every accuracy cell of the row's run)
     top1, top5                        in %
     model, form, img_size             what was evaluated (form: train | deploy)
-    weights: {path, sha256, release, layout}     for an evaluated checkpoint (release: manifest name)
-    recipe:  {path, sha256}                      for a training run
+    weights: {path, sha256, release, layout}     the evaluated checkpoint (release: manifest name; a
+                                                 training run names its final model.pt)
+    recipe:  {path, sha256}                      for a training run (sha256 of the recipe resolved with
+                                                 all its `base:` files: `recipe_hash`)
     data:    {root, split, images, classes}
+    run_dir                           the folder it was written to (runs/<table>/<row>[--<column>])
     transform: {resize, crop, interpolation, mean, std}
     scale                             full | smoke
     software: {torch, timm, python}, device, date, command
@@ -18,9 +21,10 @@ written by `write_result`, with this schema (SCHEMA = 1):
 `accept(spec, row, column, result)` says whether a result may fill the cell (value, None) or why
 not (None, one-line reason). A result is taken only if it names this table and row (and this
 column when the cell has a run of its own), evaluated the cell's model (or trained its recipe,
-unchanged since), in the cell's form and image size, at scale full, on ImageNet-1k val
-(IMAGENET_VAL: 50,000 images of 1,000 classes), and if the checkpoint it names still has the
-sha256 it recorded.
+unchanged since: its resolved hash, epochs, model and image size), in the cell's form and image
+size, at scale full, on ImageNet-1k val (IMAGENET_VAL: 50,000 images of 1,000 classes), from the
+run folder it is found in, and if the checkpoint it names still has the sha256 it recorded. A
+result missing a field this needs is refused (one line naming the field), never trusted.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import shlex
 import sys
 from pathlib import Path
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the recipe hash covers its `base:` files; checkpoint hash and run_dir required
 # What an accepted accuracy was measured on. Tests monkeypatch this (not a user option) to accept
 # results on generated data; nothing else changes it.
 IMAGENET_VAL = {"images": 50000, "classes": 1000}
@@ -41,6 +45,18 @@ def file_sha256(path) -> str:
     from riformer.checkpoints import sha256
 
     return sha256(path)
+
+
+def recipe_hash(path) -> str:
+    """sha256 of a recipe resolved with all its `base:` files (the engine's reading, smoke section
+    included), so that an edit of any file in the chain changes it."""
+    import hashlib
+    import json
+
+    from reproduce.engine.recipe import _read
+
+    resolved = _read(Path(path).resolve())
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def software() -> dict:
@@ -66,12 +82,13 @@ def write_result(path, *, cell: dict, metrics: dict, model: str, form: str, img_
     if weights is not None and not weights.get("sha256") and Path(weights["path"]).is_file():
         weights = {**weights, "sha256": file_sha256(weights["path"])}
     if recipe is not None and not recipe.get("sha256") and _recipe_path(recipe["path"]).is_file():
-        recipe = {**recipe, "sha256": file_sha256(_recipe_path(recipe["path"]))}
+        recipe = {**recipe, "sha256": recipe_hash(_recipe_path(recipe["path"]))}
     result = {"schema": SCHEMA, **{k: cell.get(k) for k in ("table", "row", "column")},
               "top1": metrics["top1"], "top5": metrics["top5"], "images": metrics.get("images"), "model": model,
               "form": form,
               "img_size": img_size, "weights": weights, "recipe": recipe, "data": data, "transform": transform,
-              "scale": scale, "software": software(), "device": device,
+              "scale": scale, "run_dir": "/".join(Path(path).resolve().parent.parts[-2:]),
+              "software": software(), "device": device,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": command or command_line(), **extra}
     import json
@@ -84,16 +101,37 @@ def _recipe_path(recipe: str) -> Path:
     from reproduce.registry import RECIPES, ROOT
 
     path = Path(recipe)
-    for base in (ROOT, RECIPES):
-        if (base / path).is_file():
-            return base / path
+    # under the registry's recipes folder first (the one the tables read), then the checkout
+    for candidate in (RECIPES / path.as_posix().removeprefix("recipes/"), RECIPES / path, ROOT / path):
+        if candidate.is_file():
+            return candidate
     return path
+
+
+# What every result.json that fills a cell must carry (dotted: inside a section).
+REQUIRED = ("schema", "table", "row", "top1", "top5", "model", "form", "img_size", "scale", "run_dir",
+            "data.split", "data.images", "data.classes", "weights.path", "weights.sha256")
+
+
+def _field(result: dict, dotted: str):
+    node = result
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    return node
 
 
 def accept(spec, row, column, result: dict, model: str | None, form: str):
     """(value, None) if `result` may fill the cell (spec, row, column), else (None, reason)."""
-    if result.get("schema") != SCHEMA:
-        return None, "no provenance (written before result.json recorded it): evaluate or train it again"
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        return None, (f"no provenance of schema {SCHEMA} (hand-written, or written before result.json recorded "
+                      "it): evaluate or train it again")
+    missing = [f for f in REQUIRED if _field(result, f) is None]
+    if result.get("recipe") is not None and not _field(result, "recipe.sha256"):
+        missing.append("recipe.sha256")
+    if missing:
+        return None, f"it lacks {', '.join(missing)}: only `reproduce eval`/`train` write a result that fills a cell"
     where = (result.get("table"), result.get("row"))
     if where != (spec.id, row.id):
         return None, f"it is the result of {where[0]}/{where[1]}, not of {spec.id}/{row.id}"
@@ -101,38 +139,63 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
     if result.get("column") not in ((column.id,) if own_run else (None, column.id)):
         named = result.get("column") or "the whole row"
         return None, f"it was run for {named}, not for column {column.id} (each of these cells needs its own run)"
-    if result.get("scale") != "full":
-        return None, f"scale {result.get('scale')!r}: only a full run fills a cell"
-    if model and result.get("model") != model:
-        return None, f"it evaluated {result.get('model')}, not this row's {model}"
-    if result.get("weights") and result.get("form") != form:
-        return None, f"it evaluated the {result.get('form')} form, the cell is the {form} form"
-    if result.get("img_size") != row.img_size:
-        return None, f"it evaluated at {result.get('img_size')} px, the row is at {row.img_size}"
-    data = result.get("data") or {}
-    if data.get("split") not in VAL_SPLITS or data.get("images") != IMAGENET_VAL["images"] \
-            or data.get("classes") != IMAGENET_VAL["classes"]:
-        return None, (f"data {data.get('root')} ({data.get('split')}: {data.get('images')} images, "
+    folder = f"{spec.id}/{spec.run_name(row.id, column.id)}"
+    if result["run_dir"] != folder:
+        return None, f"it was written in runs/{result['run_dir']}, not in runs/{folder} (copied from another run)"
+    if result["scale"] != "full":
+        return None, f"scale {result['scale']!r}: only a full run fills a cell"
+    for name, value in (("top1", result["top1"]), ("top5", result["top5"])):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+            return None, f"its {name} {value!r} is not a percentage"
+    data = result["data"]
+    images = data["images"] if result.get("images") is None else result["images"]
+    if data["split"] not in VAL_SPLITS or data["images"] != IMAGENET_VAL["images"] \
+            or images != data["images"] or data["classes"] != IMAGENET_VAL["classes"]:
+        counted = data["images"] if images == data["images"] else f"{data['images']} (evaluated: {images})"
+        return None, (f"data {data.get('root')} ({data.get('split')}: {counted} images, "
                       f"{data.get('classes')} classes) is not ImageNet-1k val ({IMAGENET_VAL['images']} images, "
                       f"{IMAGENET_VAL['classes']} classes)")
     recipe = result.get("recipe")
     expected = spec.recipe_of(row.id, column.id)
     if recipe:
-        if expected and Path(recipe["path"]).as_posix().removeprefix("recipes/") != Path(expected).as_posix():
+        if not expected:
+            return None, f"it trained {recipe['path']}, the cell has no recipe (it needs an evaluated checkpoint)"
+        if Path(recipe["path"]).as_posix().removeprefix("recipes/") != Path(expected).as_posix():
             return None, f"it trained {recipe['path']}, the cell's recipe is {expected}"
         path = _recipe_path(recipe["path"])
-        if recipe.get("sha256") and (not path.is_file() or file_sha256(path) != recipe["sha256"]):
-            return None, f"recipe {recipe['path']} changed since the run (sha256 differs): train it again"
-    weights = result.get("weights")
-    if weights:
-        path = Path(weights["path"])
         if not path.is_file():
-            return None, f"checkpoint {path} is no longer there to verify its sha256"
-        if weights.get("sha256") and file_sha256(path) != weights["sha256"]:
-            return None, f"checkpoint {path} changed since it was evaluated (sha256 differs): evaluate it again"
-    if not (recipe or weights):
-        return None, "it names neither the checkpoint nor the recipe it comes from"
-    return result.get(column.source or "top1"), None
+            return None, f"recipe {recipe['path']} is no longer there to verify its hash"
+        from reproduce.engine import EngineError
+        from reproduce.engine.recipe import load_recipe
+
+        try:
+            resolved, trained = recipe_hash(path), load_recipe(path)
+        except EngineError as e:
+            return None, f"its recipe does not load ({e})"
+        if resolved != recipe["sha256"]:
+            return None, (f"recipe {recipe['path']} (resolved with its base: files) changed since the run "
+                          "(sha256 differs): train it again")
+        for name, ran, wanted in (("epochs", result.get("epochs"), trained["epochs"]),
+                                  ("model", result["model"], trained["model"]["name"]),
+                                  ("img_size", result["img_size"], trained["data"]["img_size"])):
+            if ran != wanted:
+                return None, f"its {name} {ran!r} is not its recipe's {wanted!r} ({recipe['path']})"
+    if model and result["model"] != model:
+        return None, f"it evaluated {result['model']}, not this row's {model}"
+    if not recipe and result["form"] != form:
+        return None, f"it evaluated the {result['form']} form, the cell is the {form} form"
+    if result["img_size"] != row.img_size:
+        return None, f"it evaluated at {result['img_size']} px, the row is at {row.img_size}"
+    weights = result["weights"]
+    path = Path(weights["path"])
+    if not path.is_file():
+        return None, f"checkpoint {path} is no longer there to verify its sha256"
+    if file_sha256(path) != weights["sha256"]:
+        return None, f"checkpoint {path} changed since it was evaluated (sha256 differs): evaluate it again"
+    value = result.get(column.source or "top1")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None, f"it lacks {column.source or 'top1'}"
+    return value, None
 
 
 def origin_note(result: dict) -> str:
@@ -140,6 +203,8 @@ def origin_note(result: dict) -> str:
     weights = result.get("weights") or {}
     if weights.get("release"):
         return f"released weights {Path(weights['path']).name} ({weights['release']})."
+    if result.get("recipe"):
+        return f"trained here: {result['recipe']['path']} ({result.get('epochs', '?')} epochs)."
     if weights:
         return f"evaluated checkpoint {weights['path']} (sha256 {str(weights.get('sha256'))[:12]})."
     return f"trained here: {result['recipe']['path']} ({result.get('epochs', '?')} epochs)."

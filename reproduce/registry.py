@@ -67,19 +67,21 @@ class Deviation:
     reason: str
     measured: str | None = None    # the value expected, as text; None for noisy cells (gains)
     device: str | None = None      # device-tag prefix it holds on (cpu, cuda-...); None: every device
+    within: float | None = None    # the accepted ± around `measured` (declared, never inferred from its digits)
 
     def applies_to(self, device_tag: str) -> bool:
         return self.device is None or device_tag.startswith(self.device)
 
     def holds_value(self, measured: str) -> bool:
-        """Whether a measured value is the declared one at the declared precision."""
+        """Whether a measured value (at the precision the results file records) is within the
+        declared window `within` of the declared one; text values must be equal."""
         if self.measured is None:
             return True
         from reproduce.report import _norm_text, parse_number
 
         want, got = parse_number(self.measured), parse_number(measured)
         if want and got:
-            return abs(got[0] - want[0]) <= 0.5 * 10 ** -want[1] + 1e-12
+            return abs(got[0] - want[0]) <= (self.within or 0.0) + 1e-12
         return _norm_text(self.measured) == _norm_text(measured)
 
 
@@ -161,7 +163,7 @@ _ROW_FIELDS = {f for f in RowSpec.__dataclass_fields__ if f not in ("id", "setti
 _COLUMN_FIELDS = {f for f in ColumnSpec.__dataclass_fields__ if f != "id"}
 _TABLE_FIELDS = {"id", "paper", "number", "title", "protocol", "columns", "rows", "defaults", "notes", "reasons",
                  "guards", "deviations"}
-_DEVIATION_FIELDS = {"status", "reason", "measured", "device"}
+_DEVIATION_FIELDS = {"status", "reason", "measured", "within", "device"}
 
 
 def _sort_key(table_id: str):
@@ -225,9 +227,18 @@ def _deviations(path, rid, data, reasons) -> dict:
         reason = reasons.get(dev.get("reason"), dev.get("reason"))
         if not isinstance(reason, str) or not reason.strip():
             _fail(path, f"{where} needs a `reason:` (text, or a key of the spec's `reasons:`)")
-        measured = dev.get("measured")
+        measured, within = dev.get("measured"), dev.get("within")
+        from reproduce.report import parse_number
+
+        if measured is not None and parse_number(str(measured)) and within is None:
+            _fail(path, f"{where} needs `within:` (the accepted ± around measured {measured}, in the cell's unit; "
+                        "0 for exact): the window is never inferred from the digits written")
+        if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float)) or within < 0
+                                   or measured is None):
+            _fail(path, f"{where} has within {within!r}; expected a number >= 0 beside a numeric `measured:`")
         out[cid] = Deviation(status=dev["status"], reason=" ".join(reason.split()),
-                             measured=None if measured is None else str(measured), device=dev.get("device"))
+                             measured=None if measured is None else str(measured), device=dev.get("device"),
+                             within=None if within is None else float(within))
     return out
 
 

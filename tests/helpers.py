@@ -208,6 +208,7 @@ def write_accepted_result(runs_dir, table_id, row_id, top1, column=None):
     weights.write_bytes(b"stand-in weights")
     result = {"schema": provenance.SCHEMA, "table": table_id, "row": row_id, "column": column, "top1": top1,
               "top5": 90.0, "model": row.model, "form": row.form, "img_size": row.img_size, "scale": "full",
+              "run_dir": f"{table_id}/{folder.name}",
               "weights": {"path": str(weights), "sha256": provenance.file_sha256(weights)},
               "data": {"root": "/imagenet", "split": "validation", **provenance.IMAGENET_VAL}}
     (folder / "result.json").write_text(json.dumps(result))

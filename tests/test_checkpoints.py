@@ -154,6 +154,7 @@ def _result(spec_id="riformer-6", row="poolformer_s12", column=None, images=5000
     return {"schema": provenance.SCHEMA, "table": spec_id, "row": row, "column": column, "top1": 77.2, "top5": 93.5,
             "model": kw.get("model", "poolformer_v1_s12"), "form": kw.get("form", "train"),
             "img_size": kw.get("img_size", 224), "scale": "full",
+            "run_dir": kw.get("run_dir", f"{spec_id}/{row}" + (f"--{column}" if column else "")),
             "weights": {"path": str(weights_path), "sha256": provenance.file_sha256(weights_path)},
             "data": {"root": "/imagenet", "split": "validation", "images": images, "classes": classes}}
 
@@ -189,7 +190,7 @@ def test_sit_tables_need_one_run_per_cell(tmp_path):
     assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
     result["column"] = "top1_frd"
     assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
-    result["column"] = "top1_hard"
+    result["column"], result["run_dir"] = "top1_hard", "sit-6/ratio_0_75--top1_hard"
     assert provenance.accept(spec, row, column, result, "sit_ti", "train") == (77.2, None)
 
 

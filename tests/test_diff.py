@@ -23,7 +23,7 @@ SPEC = {
     "rows": {"poolformer_s12": {"model": "poolformer_v1_s12"},
              "riformer_s12": {"model": "riformer_s12", "form": "deploy", "baseline": "poolformer_s12",
                               # at 64 px the MACs are a fraction of the printed 1.8 G at 224: accepted here
-                              "deviations": {"macs": {"status": "mismatch", "measured": "0.149",
+                              "deviations": {"macs": {"status": "mismatch", "measured": "0.149", "within": 0.0005,
                                                       "reason": "counted at 64 px, printed at 224"}}}},
 }
 # poolformer_s12's MACs are the same mismatch, declared the same way
@@ -122,7 +122,7 @@ def test_a_deviation_removed_from_the_spec_fails_and_so_does_a_declared_value_th
     assert result.exit_code == 1 and "riformer_s12/macs: undeclared mismatch" in result.output
     assert "poolformer_s12/macs" not in result.output  # still declared
 
-    spec["rows"]["riformer_s12"]["deviations"] = {"macs": {"status": "mismatch", "measured": "0.1500", "reason": "x"}}
+    spec["rows"]["riformer_s12"]["deviations"] = {"macs": {"status": "mismatch", "measured": "0.1500", "within": 0.00005, "reason": "x"}}
     rewrite_spec(spec)
     result = invoke("diff", "riformer-6", "--results-dir", committed)
     assert result.exit_code == 1 and "riformer_s12/macs: the spec's deviation expects 0.1500" in result.output
@@ -141,7 +141,7 @@ def test_a_declared_cpu_gain_mismatch_that_now_matches_warns_but_a_stale_exact_o
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and "riformer_s12/throughput_gain: the spec declares a mismatch" in result.output
 
-    spec["rows"]["poolformer_s12"]["deviations"]["params"] = {"status": "mismatch", "measured": "11.915176",
+    spec["rows"]["poolformer_s12"]["deviations"]["params"] = {"status": "mismatch", "measured": "11.915176", "within": 0,
                                                               "reason": "stale"}
     rewrite_spec(spec)
     result = invoke("diff", "riformer-6", "--results-dir", committed)
@@ -175,3 +175,50 @@ def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeyp
     result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", results)
     assert result.exit_code == 1, result.output
     assert "re-measured riformer_s12/throughput_gain: undeclared mismatch: reported 17.8, measured -" in result.output
+
+
+def test_a_committed_edit_is_compared_with_the_state_before_it_not_with_itself(committed):
+    """CI diffs a fresh clone: the file equals HEAD, so the baseline is HEAD~1 (issue 19)."""
+    path = csv_of(committed)
+    frame = report.read_results(path)
+    params = (frame.row == "riformer_s12") & (frame.column == "params")
+    frame.loc[params, "measured"] = "11.675176"  # 0.24 M fewer, still "12" at the printed precision
+    report.write_csv(frame, path)
+    uncommitted = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert uncommitted.exit_code == 1 and "committed at HEAD" in uncommitted.output
+    assert "riformer_s12/params: moved from 11.915176 to 11.675176" in uncommitted.output
+    git(committed.parent, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edited")
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1, result.output
+    assert "riformer_s12/params: moved from 11.915176 to 11.675176 (-0.24) since the results committed at " \
+           "HEAD~1" in result.output
+    assert invoke("diff", "riformer-6", "--results-dir", committed, "--against", "HEAD").exit_code == 0
+
+
+def test_a_deviation_declares_its_window_and_the_digits_written_do_not_widen_it(committed):
+    """Issue 19: '0.15' once accepted what '0.149' pinned, because the window came from the digits."""
+    spec = copy.deepcopy(SPEC)
+    spec["rows"]["riformer_s12"]["deviations"]["macs"].update(measured="0.15", within=0.0005)
+    rewrite_spec(spec)
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1 and "riformer_s12/macs: the spec's deviation expects 0.15, measured 0.149" \
+        in result.output
+    spec["rows"]["riformer_s12"]["deviations"]["macs"].update(within=0.01)  # widened on purpose: visible
+    rewrite_spec(spec)
+    assert invoke("diff", "riformer-6", "--results-dir", committed).exit_code == 0
+    del spec["rows"]["riformer_s12"]["deviations"]["macs"]["within"]
+    rewrite_spec(spec)
+    result = invoke("diff", "riformer-6", "--results-dir", committed)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "deviation of 'macs' needs `within:`" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_update_prints_each_accepted_move_old_to_new(committed):
+    path = csv_of(committed)
+    frame = report.read_results(path)
+    frame.loc[(frame.row == "riformer_s12") & (frame.column == "params"), "measured"] = "11.675176"
+    report.write_csv(frame, path)
+    result = invoke("diff", "riformer-6", "--results-dir", committed, "--update")
+    assert result.exit_code == 0, result.output
+    assert "accepted" in result.output and "riformer_s12/params: moved from 11.915176 to 11.675176 (-0.24)" \
+        in result.output

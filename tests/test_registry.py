@@ -109,14 +109,17 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     folder.mkdir(parents=True)
     from reproduce import provenance
 
+    (folder / "model.pt").write_bytes(b"trained")  # what `reproduce train` leaves beside its result
+    trained = registry.load_recipe("sit/table5/scratch_self.yaml")
     provenance.write_result(folder / "result.json", cell={"table": "sit-5", "row": "scratch", "column": "self"},
-                            metrics={"top1": 79.5, "top5": 95.0}, model="sit_xs", form="deploy", img_size=224,
-                            recipe={"path": "recipes/sit/table5/scratch_self.yaml"}, transform={}, scale="full",
+                            metrics={"top1": 79.5, "top5": 95.0}, model=trained["model"]["name"], form="deploy",
+                            img_size=224, recipe={"path": "recipes/sit/table5/scratch_self.yaml"}, transform={},
+                            scale="full", weights={"path": str(folder / "model.pt")}, epochs=trained["epochs"],
                             data={"root": "/imagenet", "split": "validation", "images": 50000, "classes": 1000},
                             device="cpu")
     run = runner.TableRun(spec, "cpu", kinds={"accuracy"}, show_progress=False)
     frame = run.run().set_index(["row", "column"])
-    assert frame.loc[("scratch", "self"), "measured"] == "79.500"
+    assert frame.loc[("scratch", "self"), "measured"] == "79.500", frame.loc[("scratch", "self"), "note"]
     assert frame.loc[("scratch", "cait"), "status"] == "pending"
     assert "reproduce train sit-5 scratch --column cait " in frame.loc[("scratch", "cait"), "note"]  # its own run
 

@@ -334,6 +334,7 @@ def finish(run, metrics: dict, info: dict) -> dict:
         result = provenance.write_result(
             run.output / "result.json", cell=info, metrics=metrics, model=run.recipe["model"]["name"], form="train",
             img_size=data["img_size"], recipe={"path": info.get("recipe", run.recipe["path"])},
+            weights={"path": str((run.output / "model.pt").resolve()), "layout": "ours"},
             data={"root": run.data_root, "split": data.get("val_split", "validation"), "images": metrics.get("images"),
                   "classes": run.recipe["model"]["num_classes"]},
             transform=default_transform(data["img_size"], data.get("crop_pct", 0.9), data.get("interpolation", "bicubic")),
