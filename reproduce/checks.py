@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from reproduce import measure, report
+from reproduce.coverage import _operands
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RegistryError, load_table, table_ids
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun, write_results
 
