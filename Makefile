@@ -12,6 +12,7 @@ setup:
 all-tables: setup  ## every registered table at this machine's scale (cached: a second run is quick)
 	$(REPRODUCE) all-tables
 	$(REPRODUCE) diff --all
+	$(REPRODUCE) report
 
 test: setup  ## the test suite (slow and GPU tests are skipped with their reason)
 	$(PY) -m pytest -q

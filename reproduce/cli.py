@@ -6,6 +6,7 @@
     reproduce all-tables                   every table at this machine's scale
     reproduce bench riformer_s12 ...       ad-hoc throughput with the same harness
     reproduce plan --all                   what the pending accuracy cells cost to fill (estimates)
+    reproduce report                       the results as a static site, results/<device>/site/index.html
 """
 from __future__ import annotations
 
@@ -369,6 +370,22 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
     env = measure.environment(device)
     console.print(f"{env['device']} · torch {env['torch']} · timm {env['timm']} · {proto.describe()}"
                   + ("" if proto.threads else f", {env['threads']} threads"), highlight=False)
+
+
+@main.command("report")
+@click.option("--device", default="cpu", show_default=True,
+              help="a results/ folder name (cpu-amd-epyc-2c) or a device of this machine")
+@click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)")
+@click.option("--html", "html_dir", type=click.Path(path_type=Path),
+              help="where the site goes (default: results/<device>/site/)")
+def report_command(device, results_dir, html_dir):
+    """The results as a static site (open its index.html) and results/<device>/summary.json."""
+    from reproduce import site
+    from reproduce.runner import RESULTS_DIR
+
+    folder = site.results_folder(results_dir or RESULTS_DIR, device)
+    index = site.write_site(folder, html_dir or folder / "site")
+    console.print(f"wrote {folder / 'summary.json'} and {index}", highlight=False)
 
 
 # Commands that live with their subsystem.

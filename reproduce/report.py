@@ -159,27 +159,42 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
-def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
-    """The table as the paper lays it out: one line per row, 'reported → measured mark' per cell."""
+def table_layout(spec, frame: pd.DataFrame) -> tuple[list[str], list[tuple[str, str, list]]]:
+    """The table as the paper lays it out: its header, then for each row that has cells, in the
+    paper's order, (row id, printed label, one results line or None per column). Every report
+    (Markdown here, the HTML site in reproduce/site.py) is drawn from this."""
     labels = dict(zip(spec.reference["row"], spec.reference["label"]))
     cells = {(r.row, r.column): r for r in frame.itertuples()}
     header = ["Model"] + [f"{c.id} ({c.unit})" if c.unit else c.id for c in spec.columns.values()]
-    lines, notes = [], {}   # note text -> its number: a row's note is numbered once
+    rows = []
     for row_id in spec.rows:
         if not any((row_id, c) in cells for c in spec.columns):
             continue
-        line = [labels.get(row_id, row_id)]
-        for column in spec.columns:
-            cell = cells.get((row_id, column))
+        rows.append((row_id, labels.get(row_id, row_id), [cells.get((row_id, c)) for c in spec.columns]))
+    return header, rows
+
+
+def cell_text(spec, cell) -> str:
+    """'reported → measured (range) mark' of one cell, as every report prints it."""
+    text = cell.reported or "–"
+    if cell.measured:
+        text += f" → {cell.measured}"
+    if cell.low and spec.columns[cell.column].kind in ("gain", "ratio"):
+        text += f" ({cell.low}…{cell.high})"
+    return text + f" {STATUS_MARK[cell.status]}"
+
+
+def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
+    """The table as the paper lays it out: one line per row, 'reported → measured mark' per cell."""
+    header, layout = table_layout(spec, frame)
+    lines, notes = [], {}   # note text -> its number: a row's note is numbered once
+    for _row_id, label, row_cells in layout:
+        line = [label]
+        for cell in row_cells:
             if cell is None:
                 line.append("")
                 continue
-            text = cell.reported or "–"
-            if cell.measured:
-                text += f" → {cell.measured}"
-            if cell.low and spec.columns[column].kind in ("gain", "ratio"):
-                text += f" ({cell.low}…{cell.high})"
-            text += f" {STATUS_MARK[cell.status]}"
+            text = cell_text(spec, cell)
             if cell.note:
                 text += f" [{notes.setdefault(cell.note, len(notes) + 1)}]"
             line.append(text)
@@ -197,3 +212,17 @@ def render_markdown(spec, frame: pd.DataFrame, meta: dict) -> str:
     if notes:
         out += ["## Notes", ""] + [f"{i}. {n}" for n, i in notes.items()] + [""]
     return "\n".join(out)
+
+
+def read_markdown_meta(text: str) -> dict:
+    """The run's `| run | value |` block of a Markdown report that render_markdown wrote."""
+    meta, inside = {}, False
+    for line in text.splitlines():
+        if line == "| run | value |":
+            inside = True
+        elif inside and line.startswith("| ") and not line.startswith("|---"):
+            key, _, value = line[2:].rstrip(" |").partition(" | ")
+            meta[key] = value
+        elif inside and not line.startswith("|"):
+            break
+    return meta
