@@ -18,7 +18,8 @@ written by `write_result`, with this schema (SCHEMA = 1):
 `accept(spec, row, column, result)` says whether a result may fill the cell (value, None) or why
 not (None, one-line reason). A result is taken only if it names this table and row (and this
 column when the cell has a run of its own), evaluated the cell's model (or trained its recipe,
-unchanged since), in the cell's form and image size, at scale full, on ImageNet-1k val
+unchanged since), in the cell's form and image size, with the cell's release's eval transform (an
+evaluated checkpoint of a cell the manifest fills), at scale full, on ImageNet-1k val
 (IMAGENET_VAL: 50,000 images of 1,000 classes), and if the checkpoint it names still has the
 sha256 it recorded.
 """
@@ -109,6 +110,9 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
         return None, f"it evaluated the {result.get('form')} form, the cell is the {form} form"
     if result.get("img_size") != row.img_size:
         return None, f"it evaluated at {result.get('img_size')} px, the row is at {row.img_size}"
+    refused = _wrong_transform(spec, row, column, result)
+    if refused:
+        return None, refused
     data = result.get("data") or {}
     if data.get("split") not in VAL_SPLITS or data.get("images") != IMAGENET_VAL["images"] \
             or data.get("classes") != IMAGENET_VAL["classes"]:
@@ -133,6 +137,21 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
     if not (recipe or weights):
         return None, "it names neither the checkpoint nor the recipe it comes from"
     return result.get(column.source or "top1"), None
+
+
+def _wrong_transform(spec, row, column, result: dict) -> str | None:
+    """Why an evaluated checkpoint's transform is not the cell's (the manifest release's), or None."""
+    from reproduce import weights
+
+    release = weights.release_for_cell(spec, row.id, column.id) if result.get("weights") else None
+    if release is None:
+        return None
+    expected = weights.transform_of(release)
+    if weights.same_transform(result.get("transform"), expected):
+        return None
+    got = weights.describe_transform(result["transform"]) if result.get("transform") else "no recorded transform"
+    return (f"it was evaluated with {got}, the cell's is {weights.describe_transform(expected)} "
+            f"({weights.transform_source(release)}): evaluate it again without transform flags")
 
 
 def origin_note(result: dict) -> str:
