@@ -211,12 +211,14 @@ def same_transform(a: dict | None, b: dict | None) -> bool:
     """Whether two recorded transforms are the same (crop_mode 'center' when not recorded)."""
     def norm(t):
         t = {"crop_mode": "center", **(t or {})}
-        return tuple(tuple(round(float(x), 4) for x in t[k]) if k in ("mean", "std") else t.get(k)
+        return tuple(tuple(round(float(x), 4) for x in t.get(k) or ()) if k in ("mean", "std") else t.get(k)
                      for k in TRANSFORM_KEYS)
     return norm(a) == norm(b)
 
 
 def describe_transform(t: dict) -> str:
+    if not all(k in t for k in ("resize", "crop", "interpolation", "mean")):
+        return f"an incomplete transform {t}"
     mean = "0.5" if list(t["mean"]) == [0.5, 0.5, 0.5] else "ImageNet" if [round(x, 3) for x in t["mean"]] == \
         [0.485, 0.456, 0.406] else ",".join(map(str, t["mean"]))
     mode = " squash" if t.get("crop_mode") == "squash" else ""

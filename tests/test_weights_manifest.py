@@ -274,3 +274,58 @@ def test_a_wrong_top1_mapping_is_caught(monkeypatch):
     monkeypatch.setattr(weights, "_manifest", lambda: manifest)
     with pytest.raises(AssertionError, match="rsb_resnet50"):
         test_published_top1_of_each_release_is_the_cell_it_fills()
+
+
+# --- the one eval-transform rule -------------------------------------------------------------------
+
+def test_transform_comes_from_the_release_then_timm_cfg_then_flags():
+    # manifest: mmpretrain imagenet_bs128_poolformer_medium_224.py ResizeEdge 236 (RIFormer-M36)
+    transform, source = weights.resolve_transform("riformer_m36", 224)
+    assert transform["resize"] == 236 and "riformer_m36" in source
+    # manifest: Pyramid ViG mean = std = 0.5, crop_pct 0.95 -> 235
+    vig, _ = weights.resolve_transform("pvig_b_224", 224)
+    assert (vig["resize"], vig["mean"]) == (235, [0.5, 0.5, 0.5])
+    # not in the manifest: timm's pretrained cfg (tf_efficientnet_b2.aa_in1k: 260 px, crop_pct 0.89 -> 292)
+    effnet, source = weights.resolve_transform("tf_efficientnet_b2", 260)
+    assert (effnet["resize"], effnet["crop"]) == (292, 260) and "timm's pretrained cfg" in source
+    # flags override, and say so
+    flagged, source = weights.resolve_transform("riformer_m36", 224, crop_pct=0.9, mean=[0.5] * 3)
+    assert flagged["resize"] == 248 and flagged["mean"] == [0.5] * 3 and "overridden" in source
+    # a file named as a release is that release, whatever its model's other releases
+    by_file, _ = weights.resolve_transform("swin_base_patch4_window7_224", 224,
+                                           "/w/swin_base_patch4_window7_224_22kto1k.pth")
+    assert by_file["resize"] == 256
+
+
+def test_nfnet_f1_is_squashed_as_timm_cfg_says():
+    """timm dm_nfnet_f1.dm_in1k: test_input_size 320, crop_pct 0.91, crop_mode 'squash'."""
+    cfg = timm.models.get_pretrained_cfg("dm_nfnet_f1.dm_in1k")
+    assert weights.transform_from_cfg(cfg, 320) == weights.transform_of(weights.releases()["nfnet_f1"])
+    from PIL import Image
+    from reproduce.engine.data import eval_transform
+
+    image = Image.new("RGB", (400, 300))
+    image.paste((255, 0, 0), (0, 0, 40, 300))  # a red band on the left edge: squash keeps it, a short-side resize crops it
+    squash = eval_transform(weights.transform_of(weights.releases()["nfnet_f1"]))(image)
+    centre = eval_transform({**weights.transform_of(weights.releases()["nfnet_f1"]), "crop_mode": "center"})(image)
+    assert squash.shape == centre.shape == (3, 320, 320)
+    assert squash[0, :, 0].mean() > 1.0 > centre[0, :, 0].mean()
+
+
+def test_reproduce_eval_prints_and_records_the_release_transform(tmp_path, one_thread):
+    """`reproduce eval` on a file named as the release: its transform (mmpretrain ResizeEdge 236 for M36),
+    printed and recorded; a flag overrides it and the record says so."""
+    data = make_generated_dataset(tmp_path / "data", classes=4, images_per_class=1, image_size=32)
+    model = timm.create_model("riformer_m36", num_classes=4)
+    path = tmp_path / "riformer-m36_32xb128_in1k_20230406-2fcb9d9b.pth"
+    torch.save(model.state_dict(), path)
+    args = ["eval", "riformer_m36", "--checkpoint", str(path), "--data", str(data), "--num-classes", "4",
+            "--workers", "0", "--batch-size", "4"]
+    out = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a")])
+    assert out.exit_code == 0, out.output
+    assert "transform: resize 236 / crop 224 / bicubic" in out.output and "release riformer_m36" in out.output
+    written = yaml.safe_load((tmp_path / "a" / "result.json").read_text())
+    assert written["transform"]["resize"] == 236 and written["weights"]["release"] == "riformer_m36"
+    out = CliRunner().invoke(main, [*args, "--resize", "250", "--output", str(tmp_path / "b")])
+    assert out.exit_code == 0 and "resize 250" in out.output and "overridden: resize" in out.output
+    assert yaml.safe_load((tmp_path / "b" / "result.json").read_text())["transform"]["resize"] == 250
