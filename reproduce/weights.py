@@ -207,6 +207,19 @@ def resolve_transform(model: str, img_size: int, checkpoint: str | None = None, 
     return transform, source
 
 
+def recipe_transform(model: str, data_cfg: dict) -> tuple[dict, str]:
+    """A training run's own evaluation: the transform of the model's release at this size (the authors'
+    eval, which the cell's reference number was measured with: e.g. mmpretrain's 236 for RIFormer-M36,
+    426/404 at 384), else the recipe's crop_pct / interpolation / mean / std over timm's cfg of the model."""
+    img_size = data_cfg["img_size"]
+    release = release_of_model(model, img_size)
+    if release is not None:
+        return transform_of(release), f"release {release.name}: {transform_source(release)}"
+    return resolve_transform(model, img_size, crop_pct=data_cfg.get("crop_pct"),
+                             interpolation=data_cfg.get("interpolation"), mean=data_cfg.get("mean"),
+                             std=data_cfg.get("std"))
+
+
 def same_transform(a: dict | None, b: dict | None) -> bool:
     """Whether two recorded transforms are the same (crop_mode 'center' when not recorded)."""
     def norm(t):

@@ -329,3 +329,18 @@ def test_reproduce_eval_prints_and_records_the_release_transform(tmp_path, one_t
     out = CliRunner().invoke(main, [*args, "--resize", "250", "--output", str(tmp_path / "b")])
     assert out.exit_code == 0 and "resize 250" in out.output and "overridden: resize" in out.output
     assert yaml.safe_load((tmp_path / "b" / "result.json").read_text())["transform"]["resize"] == 250
+
+
+def test_a_training_run_evaluates_with_its_release_transform():
+    """The training recipes' own evaluation follows the same rule: mmpretrain's RIFormer test pipelines
+    (configs/_base_/datasets/imagenet_bs128_poolformer_medium_224.py ResizeEdge 236;
+    imagenet_bs128_riformer_small_384.py 426; _medium_384.py 404), not the recipe's crop_pct (0.95 -> 235, 1.0 -> 384)."""
+    from reproduce.engine.recipe import load_recipe
+
+    resize = {}
+    for name in ("riformer_m36", "riformer_s12_384", "riformer_m48_384"):
+        recipe = load_recipe(f"recipes/riformer/table6/{name}.yaml")
+        resize[name] = weights.recipe_transform(recipe["model"]["name"], recipe["data"])[0]["resize"]
+    assert resize == {"riformer_m36": 236, "riformer_s12_384": 426, "riformer_m48_384": 404}
+    # a size no release has (the smoke scale): the recipe's crop_pct
+    assert weights.recipe_transform("riformer_m36", {"img_size": 32, "crop_pct": 0.8})[0]["resize"] == 40
