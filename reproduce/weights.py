@@ -257,6 +257,22 @@ def find(release: Release, weights_dir) -> Path | None:
 BROWSER_ONLY = ("drive.google.com",)  # share pages, not files: a plain GET returns HTML
 
 
+def needs_browser(release: Release) -> bool:
+    return any(host in release.url for host in BROWSER_ONLY)
+
+
+def release_details(release: Release) -> str:
+    """Where to get it, its published top-1 and its eval transform: enough for a manual download.
+    File sizes are not in the manifest (no source publishes them for every file): not shown."""
+    where = release.url or f"https://huggingface.co/timm/{release.timm_tag}"
+    top1 = f"top-1 {release.top1:g}" if release.top1 is not None else "top-1 not recorded"
+    try:
+        transform = describe_transform(transform_of(release))
+    except WeightsError as err:
+        transform = str(err)
+    return f"{where} · {top1} · {transform}"
+
+
 def download(release: Release, weights_dir) -> Path:
     """Fetch the release into `weights_dir` (needs a network), written atomically and checked
     against its published checksum; one-line WeightsError otherwise."""
@@ -266,7 +282,7 @@ def download(release: Release, weights_dir) -> Path:
 
     target = Path(weights_dir) / release.local_name
     elsewhere = f"download it elsewhere and put it in {weights_dir} as {release.local_name}"
-    if any(host in release.url for host in BROWSER_ONLY):
+    if needs_browser(release):
         raise WeightsError(f"{release.name}: {release.url} is a share page, not a file: open it in a browser (or "
                            f"use gdown) and save the file in {weights_dir} as {release.local_name}")
     try:

@@ -344,3 +344,38 @@ def test_a_training_run_evaluates_with_its_release_transform():
     assert resize == {"riformer_m36": 236, "riformer_s12_384": 426, "riformer_m48_384": 404}
     # a size no release has (the smoke scale): the recipe's crop_pct
     assert weights.recipe_transform("riformer_m36", {"img_size": 32, "crop_pct": 0.8})[0]["resize"] == 40
+
+
+def test_weights_download_tries_every_file_and_names_the_browser_ones(tmp_path, monkeypatch):
+    """Offline: every direct link is tried and fails on its own line (the planted fault of issue 25:
+    stopping at the first failure left the rest untried); Drive share pages are listed as browser-only;
+    the listing carries URL, published top-1 and transform; a missing folder is said."""
+    tried = []
+
+    def offline(release, weights_dir):
+        tried.append(release.name)
+        raise weights.WeightsError(f"cannot download {release.name}: offline")
+
+    monkeypatch.setattr(weights, "download", offline)
+    folder = tmp_path / "absent"
+    result = CliRunner().invoke(main, ["weights", "sit-2", "sit-3", "--weights", str(folder), "--download"])
+    assert result.exit_code == 2, result.output  # SuiteError: the count of failures, after all were tried
+    out = result.output.splitlines()
+    assert any(f"weights folder {folder} does not exist" in line for line in out)
+    direct = {r.name for t in ("sit-2", "sit-3") for r in _releases_of(t) if not weights.needs_browser(r)}
+    assert set(tried) == direct and len(direct) > 1
+    assert sum(line.startswith("failed: cannot download") for line in out) == len(direct)
+    assert any("need a browser (Google Drive share pages" in line for line in out)
+    assert any(line.strip().startswith("SiT-T.pth  <-  https://drive.google.com/") for line in out)
+    sit_ti = next(line for line in out if line.startswith("| sit_ti/top1 "))
+    assert "top-1 80.1" in sit_ti and "resize 256 / crop 224 / bicubic" in sit_ti and "drive.google.com" in sit_ti
+
+
+def _releases_of(table):
+    spec = SPECS[table]
+    found = {}
+    for row in weights.accuracy_rows(spec):
+        for release in (weights.column_releases(table, row) or {None: weights.release_of(table, row)}).values():
+            if release is not None:
+                found[release.name] = release
+    return found.values()
