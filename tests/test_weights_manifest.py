@@ -379,3 +379,14 @@ def _releases_of(table):
             if release is not None:
                 found[release.name] = release
     return found.values()
+
+
+def test_repa_rows_say_where_the_files_are_hosted_and_what_is_unknown():
+    """Ackesnal/RePaViT README.md sec. 5 points to huggingface.co/Ackesnal/RePaViT/tree/main: a RePa row
+    must say so (not read as 'no weights exist') and say what is unknown."""
+    repa = [(t, r, weights.why_none(t, r)) for t in weights.tables() for r in weights._manifest()["tables"][t]
+            if r.startswith("repa_") and "huggingface" in (weights.why_none(t, r) or "")]
+    assert len(repa) > 20
+    bad = [f"{t}/{r}" for t, r, why in repa if "hosted at huggingface.co/Ackesnal/RePaViT" not in why
+           or "unknown" not in why]
+    assert not bad, bad
