@@ -183,7 +183,6 @@ def eval_command(model, checkpoint, data, split, img_size, crop_pct, resize, int
     transform, source = weights.resolve_transform(
         model, img_size, checkpoint, resize=resize, crop_pct=None if resize else crop_pct,
         interpolation=interpolation, crop_mode=crop_mode, mean=floats(mean), std=floats(std))
-    click.echo(f"transform: {weights.describe_transform(transform)} ({source})")
     release = weights.release_of_model(model, img_size, checkpoint)
     try:
         result = evaluate_into_cell(model, checkpoint, data, transform=transform, img_size=img_size,
@@ -196,6 +195,7 @@ def eval_command(model, checkpoint, data, split, img_size, crop_pct, resize, int
         raise click.ClickException(str(err)) from None
     click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images, "
                f"{result['layout']} layout, {result['form']} form)")
+    click.echo(f"transform: {weights.describe_transform(transform)} ({source})")
     if output:
         click.echo(f"-> {Path(output) / 'result.json'}")
 
