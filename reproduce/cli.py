@@ -234,9 +234,12 @@ def weights_command(table_ids, weights_dir, download):
     from reproduce import weights
 
     ids = [_table_id(t) for t in table_ids] or weights.tables()
+    if not weights_dir.is_dir():
+        click.echo(f"weights folder {weights_dir} does not exist: every file below is missing "
+                   f"({'--download creates it' if download else 'create it, or pass --weights DIR'})")
     missing, held, tables = [], 0, []
     for table_id in ids:
-        lines = []  # (row, what fills it, state)
+        lines = []  # (row, what fills it, where to get it and how it is evaluated, state)
         for row in weights.accuracy_rows(_spec(table_id)):
             entries = weights.column_releases(table_id, row) or {None: weights.release_of(table_id, row)}
             why = weights.why_none(table_id, row)
@@ -249,34 +252,50 @@ def weights_command(table_ids, weights_dir, download):
                     state = str(err)
                 missing += [release] if state == "missing" else []
                 held += state == "✓"
-                lines.append((f"{row}/{column}" if column else row, f"{release.local_name} ({release.project})", state))
+                lines.append((f"{row}/{column}" if column else row, f"{release.local_name} ({release.project})",
+                              weights.release_details(release), state))
             if why or not any(entries.values()):
-                lines.append((row, f"none: {why}" if why else "not in recipes/weights.yaml", ""))
+                lines.append((row, f"none: {why}" if why else "not in recipes/weights.yaml", "", ""))
         tables.append((table_id, lines))
-    headers = ("row", "released file (project), or why none", "in folder")
+    headers = ("row", "released file (project), or why none", "url · published top-1 · eval transform", "in folder")
     for table_id, lines in tables:
         title = f"{table_id}: released weights (recipes/weights.yaml)"
         if out.is_terminal:
             grid = Table(*headers, title=title, title_justify="left")
-            for row, what, state in lines:
+            for row, what, details, state in lines:
                 color = "" if state in ("✓", "missing", "") else "red"
-                grid.add_row(row, f"[yellow]{what}[/]" if what.startswith("not in") else what,
+                grid.add_row(row, f"[yellow]{what}[/]" if what.startswith("not in") else what, details,
                              f"[{color}]{state}[/]" if color else state)
             out.print(grid)
         else:  # piped: Markdown, one line per row
             from tabulate import tabulate
 
             click.echo(f"{title}\n\n{tabulate(lines, headers=headers, tablefmt='github')}\n")
+    to_fetch = list({r.name: r for r in missing}.values())
+    by_browser = [r for r in to_fetch if weights.needs_browser(r)]
     if missing or held:
-        click.echo(f"{held} file(s) in {weights_dir}, {len({r.name for r in missing})} missing"
-                   + ("" if download else " (--download fetches them where there is a network)"))
+        click.echo(f"{held} file(s) in {weights_dir}, {len(to_fetch)} missing"
+                   + ("" if download else f" (--download fetches the {len(to_fetch) - len(by_browser)} direct links "
+                                          "where there is a network)"))
+    if by_browser:
+        click.echo(f"{len(by_browser)} file(s) need a browser (Google Drive share pages; --download cannot fetch "
+                   f"them): open each link, save it in {weights_dir} under the name shown:")
+        for release in by_browser:
+            click.echo(f"  {release.local_name}  <-  {release.url}")
     if download:
-        for release in {r.name: r for r in missing}.values():
-            try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        failed = 0
+        for release in to_fetch:
+            if weights.needs_browser(release):
+                continue
+            try:  # every file is tried; each failure is one line
                 weights.download(release, weights_dir)
                 console.print(f"downloaded {release.local_name}", highlight=False)
             except weights.WeightsError as err:
-                raise SuiteError(str(err)) from None
+                failed += 1
+                click.echo(f"failed: {err}")
+        if failed:
+            raise SuiteError(f"{failed} of {len(to_fetch) - len(by_browser)} download(s) failed (one line each above)")
 
 
 @main.command()

@@ -22,7 +22,8 @@ written by `write_result`, with this schema (SCHEMA = 1):
 not (None, one-line reason). A result is taken only if it names this table and row (and this
 column when the cell has a run of its own), evaluated the cell's model (or trained its recipe,
 unchanged since: its resolved hash, epochs, model and image size), in the cell's form and image
-size, at scale full, on ImageNet-1k val (IMAGENET_VAL: 50,000 images of 1,000 classes), from the
+size, with the cell's release's eval transform (an evaluated checkpoint of a cell the manifest
+fills), at scale full, on ImageNet-1k val (IMAGENET_VAL: 50,000 images of 1,000 classes), from the
 run folder it is found in, and if the checkpoint it names still has the sha256 it recorded. A
 result missing a field this needs is refused (one line naming the field), never trusted.
 """
@@ -186,6 +187,9 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
         return None, f"it evaluated the {result['form']} form, the cell is the {form} form"
     if result["img_size"] != row.img_size:
         return None, f"it evaluated at {result['img_size']} px, the row is at {row.img_size}"
+    refused = _wrong_transform(spec, row, column, result)
+    if refused:
+        return None, refused
     weights = result["weights"]
     path = Path(weights["path"])
     if not path.is_file():
@@ -196,6 +200,22 @@ def accept(spec, row, column, result: dict, model: str | None, form: str):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None, f"it lacks {column.source or 'top1'}"
     return value, None
+
+
+def _wrong_transform(spec, row, column, result: dict) -> str | None:
+    """Why an evaluated checkpoint's transform is not the cell's (the manifest release's), or None."""
+    from reproduce import weights
+
+    evaluated = result.get("weights") and not result.get("recipe")  # a trained run evaluates by its recipe
+    release = weights.release_for_cell(spec, row.id, column.id) if evaluated else None
+    if release is None:
+        return None
+    expected = weights.transform_of(release)
+    if weights.same_transform(result.get("transform"), expected):
+        return None
+    got = weights.describe_transform(result["transform"]) if result.get("transform") else "no recorded transform"
+    return (f"it was evaluated with {got}, the cell's is {weights.describe_transform(expected)} "
+            f"({weights.transform_source(release)}): evaluate it again without transform flags")
 
 
 def origin_note(result: dict) -> str:

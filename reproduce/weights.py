@@ -6,7 +6,8 @@
     cells_of(release)           [(table, row), ...] that one release fills
     unlisted(spec)              the rows with accuracy cells that the manifest does not mention
     find(release, weights_dir)  its file in DIR (checksum verified where published), or None
-    transform_of(release)       the authors' eval transform {resize, crop, interpolation, mean, std}
+    transform_of(release)       the authors' eval transform {resize, crop, interpolation, mean, std, crop_mode}
+    resolve_transform(model, img_size[, checkpoint], **overrides)   the one eval-transform rule
     evaluate_table(spec, weights_dir, data)   evaluate every row whose file is in DIR (reproduce table --weights)
 
 Errors are `WeightsError` (one line).
@@ -45,6 +46,8 @@ class Release:
     transform: dict = field(default_factory=dict, compare=False)
     transform_source: str = ""
     timm_tag: str = ""
+    top1: float | None = None  # published ImageNet-1k top-1 of this file (top1_source: where)
+    top1_source: str = ""
 
     @property
     def local_name(self) -> str:
@@ -61,7 +64,12 @@ def _manifest() -> dict:
             for name in named:
                 if name not in releases:
                     raise WeightsError(f"{MANIFEST.name}: {table}/{row} names unknown release {name!r}")
-    return {"releases": releases, "tables": data["tables"]}
+    return {"releases": releases, "tables": data["tables"], "top1_tolerance": float(data["top1_tolerance"])}
+
+
+def top1_tolerance() -> float:
+    """How far (points) a release's published top-1 may be from a reference cell it fills."""
+    return _manifest()["top1_tolerance"]
 
 
 def releases() -> dict[str, Release]:
@@ -126,22 +134,108 @@ def cells_of(release: str) -> list[tuple[str, str]]:
             if e == release or (isinstance(e, dict) and release in e.values())]
 
 
-def transform_of(release: Release) -> dict:
-    if release.transform:
-        return dict(release.transform)
+def transform_from_cfg(cfg, img_size: int | None = None) -> dict:
+    """timm's eval transform of a pretrained cfg at `img_size` (its input size if None; its test size
+    and test crop_pct when asked for that size): resize = floor(size / crop_pct), crop_mode included
+    ('squash' resizes both edges, e.g. NFNet)."""
+    size = img_size or cfg.input_size[-1]
+    crop_pct = cfg.crop_pct
+    if cfg.test_input_size and size == cfg.test_input_size[-1] and size != cfg.input_size[-1]:
+        crop_pct = cfg.test_crop_pct or cfg.crop_pct
+    return {"resize": math.floor(size / crop_pct + 1e-6), "crop": size, "interpolation": cfg.interpolation,
+            "mean": list(cfg.mean), "std": list(cfg.std), "crop_mode": cfg.crop_mode or "center"}
+
+
+def _timm_cfg(name: str):
     import riformer  # noqa: F401  (torchvision shim before timm)
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(release.timm_tag)
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def transform_of(release: Release) -> dict:
+    """The release's eval transform: the manifest's (its authors' code), else timm's cfg of its tag."""
+    if release.transform:
+        return {"crop_mode": "center", **release.transform}
+    cfg = _timm_cfg(release.timm_tag)
     if cfg is None:
         raise WeightsError(f"timm has no pretrained cfg {release.timm_tag!r}")
-    crop = cfg.input_size[-1]
-    return {"resize": math.floor(crop / cfg.crop_pct + 1e-6), "crop": crop, "interpolation": cfg.interpolation,
-            "mean": list(cfg.mean), "std": list(cfg.std)}
+    return transform_from_cfg(cfg, release.img_size)
 
 
 def transform_source(release: Release) -> str:
     return release.transform_source or f"timm's pretrained cfg of {release.timm_tag}"
+
+
+def release_of_model(model: str, img_size: int, checkpoint: str | None = None) -> Release | None:
+    """The release a checkpoint of `model` at `img_size` is: the one whose file name it has, else the
+    model's only release at that size (None when there is none, or several with different transforms)."""
+    named = [r for r in releases().values() if checkpoint and Path(checkpoint).name == r.local_name]
+    if named:
+        return named[0]
+    found = [r for r in releases().values() if r.model == model and r.img_size == img_size]
+    return found[0] if found and all(transform_of(r) == transform_of(found[0]) for r in found) else None
+
+
+TRANSFORM_KEYS = ("resize", "crop", "interpolation", "mean", "std", "crop_mode")
+
+
+def resolve_transform(model: str, img_size: int, checkpoint: str | None = None, **overrides) -> tuple[dict, str]:
+    """The one eval transform rule (reproduce eval, reproduce table --weights, a training run's own
+    evaluation): the manifest's release of this file/model, else timm's pretrained cfg of the model,
+    else crop 0.9 bicubic ImageNet mean/std; then `overrides` (resize, crop_pct, interpolation, mean,
+    std, crop_mode; None = keep). Returns (transform, where it came from)."""
+    release = release_of_model(model, img_size, checkpoint)
+    cfg = None if release else _timm_cfg(model)
+    if release is not None:
+        transform, source = transform_of(release), f"release {release.name}: {transform_source(release)}"
+    elif cfg is not None:
+        transform, source = transform_from_cfg(cfg, img_size), f"timm's pretrained cfg of {model}"
+    else:
+        transform = {"resize": math.floor(img_size / 0.9 + 1e-6), "crop": img_size, "interpolation": "bicubic",
+                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_mode": "center"}
+        source = "default (crop 0.9, bicubic, ImageNet mean/std)"
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "crop_pct" in given:
+        given["resize"] = given.get("resize") or math.floor(img_size / given.pop("crop_pct") + 1e-6)
+    if given:
+        transform = {**transform, **{k: list(v) if k in ("mean", "std") else v for k, v in given.items()}}
+        source += f"; overridden: {', '.join(sorted(given))}"
+    return transform, source
+
+
+def recipe_transform(model: str, data_cfg: dict) -> tuple[dict, str]:
+    """A training run's own evaluation: the transform of the model's release at this size (the authors'
+    eval, which the cell's reference number was measured with: e.g. mmpretrain's 236 for RIFormer-M36,
+    426/404 at 384), else the recipe's crop_pct / interpolation / mean / std over timm's cfg of the model."""
+    img_size = data_cfg["img_size"]
+    release = release_of_model(model, img_size)
+    if release is not None:
+        return transform_of(release), f"release {release.name}: {transform_source(release)}"
+    return resolve_transform(model, img_size, crop_pct=data_cfg.get("crop_pct"),
+                             interpolation=data_cfg.get("interpolation"), mean=data_cfg.get("mean"),
+                             std=data_cfg.get("std"))
+
+
+def same_transform(a: dict | None, b: dict | None) -> bool:
+    """Whether two recorded transforms are the same (crop_mode 'center' when not recorded)."""
+    def norm(t):
+        t = {"crop_mode": "center", **(t or {})}
+        return tuple(tuple(round(float(x), 4) for x in t.get(k) or ()) if k in ("mean", "std") else t.get(k)
+                     for k in TRANSFORM_KEYS)
+    return norm(a) == norm(b)
+
+
+def describe_transform(t: dict) -> str:
+    if not all(k in t for k in ("resize", "crop", "interpolation", "mean")):
+        return f"an incomplete transform {t}"
+    mean = "0.5" if list(t["mean"]) == [0.5, 0.5, 0.5] else "ImageNet" if [round(x, 3) for x in t["mean"]] == \
+        [0.485, 0.456, 0.406] else ",".join(map(str, t["mean"]))
+    mode = " squash" if t.get("crop_mode") == "squash" else ""
+    return f"resize {t['resize']}{mode} / crop {t['crop']} / {t['interpolation']} / mean-std {mean}"
 
 
 def find(release: Release, weights_dir) -> Path | None:
@@ -163,6 +257,22 @@ def find(release: Release, weights_dir) -> Path | None:
 BROWSER_ONLY = ("drive.google.com",)  # share pages, not files: a plain GET returns HTML
 
 
+def needs_browser(release: Release) -> bool:
+    return any(host in release.url for host in BROWSER_ONLY)
+
+
+def release_details(release: Release) -> str:
+    """Where to get it, its published top-1 and its eval transform: enough for a manual download.
+    File sizes are not in the manifest (no source publishes them for every file): not shown."""
+    where = release.url or f"https://huggingface.co/timm/{release.timm_tag}"
+    top1 = f"top-1 {release.top1:g}" if release.top1 is not None else "top-1 not recorded"
+    try:
+        transform = describe_transform(transform_of(release))
+    except WeightsError as err:
+        transform = str(err)
+    return f"{where} · {top1} · {transform}"
+
+
 def download(release: Release, weights_dir) -> Path:
     """Fetch the release into `weights_dir` (needs a network), written atomically and checked
     against its published checksum; one-line WeightsError otherwise."""
@@ -172,7 +282,7 @@ def download(release: Release, weights_dir) -> Path:
 
     target = Path(weights_dir) / release.local_name
     elsewhere = f"download it elsewhere and put it in {weights_dir} as {release.local_name}"
-    if any(host in release.url for host in BROWSER_ONLY):
+    if needs_browser(release):
         raise WeightsError(f"{release.name}: {release.url} is a share page, not a file: open it in a browser (or "
                            f"use gdown) and save the file in {weights_dir} as {release.local_name}")
     try:

@@ -156,7 +156,10 @@ def _result(spec_id="riformer-6", row="poolformer_s12", column=None, images=5000
             "img_size": kw.get("img_size", 224), "scale": "full",
             "run_dir": kw.get("run_dir", f"{spec_id}/{row}" + (f"--{column}" if column else "")),
             "weights": {"path": str(weights_path), "sha256": provenance.file_sha256(weights_path)},
-            "data": {"root": "/imagenet", "split": "validation", "images": images, "classes": classes}}
+            "data": {"root": "/imagenet", "split": "validation", "images": images, "classes": classes},
+            # sail-sg/poolformer default_cfgs poolformer_s crop_pct 0.9: resize 248, crop 224 (the manifest's)
+            "transform": kw.get("transform", {"resize": 248, "crop": 224, "interpolation": "bicubic",
+                                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})}
 
 
 def test_acceptance_refuses_what_does_not_belong_to_the_cell(tmp_path):
@@ -173,6 +176,12 @@ def test_acceptance_refuses_what_does_not_belong_to_the_cell(tmp_path):
     assert "not ImageNet-1k val" in check(_result(images=16, classes=4, path=ckpt))[1]
     assert "evaluated sit_ti" in check(_result(path=ckpt, model="sit_ti"))[1]
     assert "no provenance" in check({"top1": 1.0, "scale": "full"})[1]
+    # the planted fault: the release evaluated with another transform (resize 256 instead of 248) is refused
+    other = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+             "std": [0.229, 0.224, 0.225]}
+    assert "resize 256 / crop 224" in check(_result(path=ckpt, transform=other))[1]
+    assert "resize 248 / crop 224" in check(_result(path=ckpt, transform=other))[1]
+    assert "no recorded transform" in check(_result(path=ckpt, transform=None))[1]
     ckpt.write_bytes(b"other weights")
     assert "sha256 differs" in check(_result(path=tmp_path / "w.pth") | {"weights": {
         "path": str(ckpt), "sha256": "0" * 64}})[1]

@@ -221,3 +221,172 @@ def test_download_refuses_share_pages_and_keeps_no_partial_file(tmp_path, monkey
     with pytest.raises(weights.WeightsError, match="not the published 6741ce71"):
         weights.download(weights.releases()["riformer_s12"], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# Releases whose published top-1 is not yet written in the manifest (each still to be read from its source).
+TOP1_NOT_RECORDED = {"riformer_s12", "riformer_s24", "riformer_s36", "riformer_m36", "riformer_m48", "riformer_s12_384",
+                     "riformer_s24_384", "riformer_s36_384", "riformer_m36_384", "riformer_m48_384", "pvt_small",
+                     "pvt_medium", "pvt_large", "gfnet_h_ti", "gfnet_h_s", "gfnet_h_b", "gfnet_b", "swin_mlp_tiny_c6",
+                     "swin_mlp_base", "resmlp_b24", "deit_base", "resmlp_s24"}
+
+
+def filled_cells():
+    """(release, table, row, column, printed value) for every reference accuracy cell a release fills."""
+    for table in weights.tables():
+        spec = SPECS[table]
+        printed = {(r, c): v for r, c, v in zip(spec.reference["row"], spec.reference["column"],
+                                                 spec.reference["reported"])}
+        for row in weights.accuracy_rows(spec):
+            for column in spec.columns_of_kind("accuracy"):
+                release = weights.release_for_cell(spec, row, column.id)
+                if release is not None and (row, column.id) in printed:
+                    yield release, table, row, column.id, float(printed[row, column.id])
+
+
+def test_published_top1_of_each_release_is_the_cell_it_fills():
+    """Fixtures: each release's `top1` with its `top1_source` (authors' README / timm's results-imagenet.csv).
+    A release mapped to the wrong file (e.g. RSB's 600-epoch a1 for the 300-epoch A2 the table prints:
+    a1 76.42/80.38 vs printed 75.5/79.8) is more than the tolerance away."""
+    tolerance = weights.top1_tolerance()
+    far = [f"{table}/{row}/{column}: {release.name} published {release.top1} ({release.top1_source}), printed {value}"
+           for release, table, row, column, value in filled_cells()
+           if release.top1 is not None and abs(release.top1 - value) > tolerance]
+    assert not far, far
+    assert all(r.top1_source for r in weights.releases().values() if r.top1 is not None)
+    missing = {n for n, r in weights.releases().items() if r.top1 is None}
+    assert missing == TOP1_NOT_RECORDED, f"published top-1 missing for {sorted(missing - TOP1_NOT_RECORDED)}"
+
+
+def test_rsb_resnets_are_the_300_epoch_a2_weights():
+    # timm results-imagenet.csv: a2 75.52/79.83/81.34/81.76 (= printed 75.5/79.8/81.3/81.8); a1 76.42/80.38/81.49/82.00
+    tags = {weights.releases()[f"rsb_resnet{d}"].timm_tag for d in (34, 50, 101, 152)}
+    assert tags == {f"resnet{d}.a2_in1k" for d in (34, 50, 101, 152)}
+    assert weights.transform_of(weights.releases()["rsb_resnet50"])["resize"] == 235  # timm cfg crop_pct 0.95
+
+
+def test_a_wrong_top1_mapping_is_caught(monkeypatch):
+    """The planted fault: RSB-ResNet-50 back on the a1 weights (published 80.38) fails the comparison."""
+    import dataclasses
+
+    manifest = dict(weights._manifest())
+    manifest["releases"] = {**manifest["releases"], "rsb_resnet50": dataclasses.replace(
+        manifest["releases"]["rsb_resnet50"], timm_tag="resnet50.a1_in1k", top1=80.38)}
+    monkeypatch.setattr(weights, "_manifest", lambda: manifest)
+    with pytest.raises(AssertionError, match="rsb_resnet50"):
+        test_published_top1_of_each_release_is_the_cell_it_fills()
+
+
+# --- the one eval-transform rule -------------------------------------------------------------------
+
+def test_transform_comes_from_the_release_then_timm_cfg_then_flags():
+    # manifest: mmpretrain imagenet_bs128_poolformer_medium_224.py ResizeEdge 236 (RIFormer-M36)
+    transform, source = weights.resolve_transform("riformer_m36", 224)
+    assert transform["resize"] == 236 and "riformer_m36" in source
+    # manifest: Pyramid ViG mean = std = 0.5, crop_pct 0.95 -> 235
+    vig, _ = weights.resolve_transform("pvig_b_224", 224)
+    assert (vig["resize"], vig["mean"]) == (235, [0.5, 0.5, 0.5])
+    # not in the manifest: timm's pretrained cfg (tf_efficientnet_b2.aa_in1k: 260 px, crop_pct 0.89 -> 292)
+    effnet, source = weights.resolve_transform("tf_efficientnet_b2", 260)
+    assert (effnet["resize"], effnet["crop"]) == (292, 260) and "timm's pretrained cfg" in source
+    # flags override, and say so
+    flagged, source = weights.resolve_transform("riformer_m36", 224, crop_pct=0.9, mean=[0.5] * 3)
+    assert flagged["resize"] == 248 and flagged["mean"] == [0.5] * 3 and "overridden" in source
+    # a file named as a release is that release, whatever its model's other releases
+    by_file, _ = weights.resolve_transform("swin_base_patch4_window7_224", 224,
+                                           "/w/swin_base_patch4_window7_224_22kto1k.pth")
+    assert by_file["resize"] == 256
+
+
+def test_nfnet_f1_is_squashed_as_timm_cfg_says():
+    """timm dm_nfnet_f1.dm_in1k: test_input_size 320, crop_pct 0.91, crop_mode 'squash'."""
+    cfg = timm.models.get_pretrained_cfg("dm_nfnet_f1.dm_in1k")
+    assert weights.transform_from_cfg(cfg, 320) == weights.transform_of(weights.releases()["nfnet_f1"])
+    from PIL import Image
+    from reproduce.engine.data import eval_transform
+
+    image = Image.new("RGB", (400, 300))
+    image.paste((255, 0, 0), (0, 0, 40, 300))  # a red band on the left edge: squash keeps it, a short-side resize crops it
+    squash = eval_transform(weights.transform_of(weights.releases()["nfnet_f1"]))(image)
+    centre = eval_transform({**weights.transform_of(weights.releases()["nfnet_f1"]), "crop_mode": "center"})(image)
+    assert squash.shape == centre.shape == (3, 320, 320)
+    assert squash[0, :, 0].mean() > 1.0 > centre[0, :, 0].mean()
+
+
+def test_reproduce_eval_prints_and_records_the_release_transform(tmp_path, one_thread):
+    """`reproduce eval` on a file named as the release: its transform (mmpretrain ResizeEdge 236 for M36),
+    printed and recorded; a flag overrides it and the record says so."""
+    data = make_generated_dataset(tmp_path / "data", classes=4, images_per_class=1, image_size=32)
+    model = timm.create_model("riformer_m36", num_classes=4)
+    path = tmp_path / "riformer-m36_32xb128_in1k_20230406-2fcb9d9b.pth"
+    torch.save(model.state_dict(), path)
+    args = ["eval", "riformer_m36", "--checkpoint", str(path), "--data", str(data), "--num-classes", "4",
+            "--workers", "0", "--batch-size", "4"]
+    out = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a")])
+    assert out.exit_code == 0, out.output
+    assert "transform: resize 236 / crop 224 / bicubic" in out.output and "release riformer_m36" in out.output
+    written = yaml.safe_load((tmp_path / "a" / "result.json").read_text())
+    assert written["transform"]["resize"] == 236 and written["weights"]["release"] == "riformer_m36"
+    out = CliRunner().invoke(main, [*args, "--resize", "250", "--output", str(tmp_path / "b")])
+    assert out.exit_code == 0 and "resize 250" in out.output and "overridden: resize" in out.output
+    assert yaml.safe_load((tmp_path / "b" / "result.json").read_text())["transform"]["resize"] == 250
+
+
+def test_a_training_run_evaluates_with_its_release_transform():
+    """The training recipes' own evaluation follows the same rule: mmpretrain's RIFormer test pipelines
+    (configs/_base_/datasets/imagenet_bs128_poolformer_medium_224.py ResizeEdge 236;
+    imagenet_bs128_riformer_small_384.py 426; _medium_384.py 404), not the recipe's crop_pct (0.95 -> 235, 1.0 -> 384)."""
+    from reproduce.engine.recipe import load_recipe
+
+    resize = {}
+    for name in ("riformer_m36", "riformer_s12_384", "riformer_m48_384"):
+        recipe = load_recipe(f"recipes/riformer/table6/{name}.yaml")
+        resize[name] = weights.recipe_transform(recipe["model"]["name"], recipe["data"])[0]["resize"]
+    assert resize == {"riformer_m36": 236, "riformer_s12_384": 426, "riformer_m48_384": 404}
+    # a size no release has (the smoke scale): the recipe's crop_pct
+    assert weights.recipe_transform("riformer_m36", {"img_size": 32, "crop_pct": 0.8})[0]["resize"] == 40
+
+
+def test_weights_download_tries_every_file_and_names_the_browser_ones(tmp_path, monkeypatch):
+    """Offline: every direct link is tried and fails on its own line (the planted fault of issue 25:
+    stopping at the first failure left the rest untried); Drive share pages are listed as browser-only;
+    the listing carries URL, published top-1 and transform; a missing folder is said."""
+    tried = []
+
+    def offline(release, weights_dir):
+        tried.append(release.name)
+        raise weights.WeightsError(f"cannot download {release.name}: offline")
+
+    monkeypatch.setattr(weights, "download", offline)
+    folder = tmp_path / "absent"
+    result = CliRunner().invoke(main, ["weights", "sit-2", "sit-3", "--weights", str(folder), "--download"])
+    assert result.exit_code == 2, result.output  # SuiteError: the count of failures, after all were tried
+    out = result.output.splitlines()
+    assert any(f"weights folder {folder} does not exist" in line for line in out)
+    direct = {r.name for t in ("sit-2", "sit-3") for r in _releases_of(t) if not weights.needs_browser(r)}
+    assert set(tried) == direct and len(direct) > 1
+    assert sum(line.startswith("failed: cannot download") for line in out) == len(direct)
+    assert any("need a browser (Google Drive share pages" in line for line in out)
+    assert any(line.strip().startswith("SiT-T.pth  <-  https://drive.google.com/") for line in out)
+    sit_ti = next(line for line in out if line.startswith("| sit_ti/top1 "))
+    assert "top-1 80.1" in sit_ti and "resize 256 / crop 224 / bicubic" in sit_ti and "drive.google.com" in sit_ti
+
+
+def _releases_of(table):
+    spec = SPECS[table]
+    found = {}
+    for row in weights.accuracy_rows(spec):
+        for release in (weights.column_releases(table, row) or {None: weights.release_of(table, row)}).values():
+            if release is not None:
+                found[release.name] = release
+    return found.values()
+
+
+def test_repa_rows_say_where_the_files_are_hosted_and_what_is_unknown():
+    """Ackesnal/RePaViT README.md sec. 5 points to huggingface.co/Ackesnal/RePaViT/tree/main: a RePa row
+    must say so (not read as 'no weights exist') and say what is unknown."""
+    repa = [(t, r, weights.why_none(t, r)) for t in weights.tables() for r in weights._manifest()["tables"][t]
+            if r.startswith("repa_") and "huggingface" in (weights.why_none(t, r) or "")]
+    assert len(repa) > 20
+    bad = [f"{t}/{r}" for t, r, why in repa if "hosted at huggingface.co/Ackesnal/RePaViT" not in why
+           or "unknown" not in why]
+    assert not bad, bad

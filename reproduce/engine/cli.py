@@ -153,11 +153,14 @@ def evaluate_into_cell(model, checkpoint, data, *, transform, img_size, form, ou
 @click.option("--data", required=True, type=str, help="dataset root")
 @click.option("--split", default="validation", show_default=True)
 @click.option("--img-size", default=224, show_default=True)
-@click.option("--crop-pct", default=0.9, show_default=True, help="resize to img_size / crop_pct, centre crop")
+@click.option("--crop-pct", type=float, default=None,
+              help="resize to img_size / crop_pct, centre crop (default: the release's or timm's cfg)")
 @click.option("--resize", type=int, default=None, help="short side before the crop (instead of --crop-pct)")
-@click.option("--interpolation", default="bicubic", show_default=True)
-@click.option("--mean", default=None, help="normalisation mean, e.g. 0.5,0.5,0.5 (default ImageNet's)")
-@click.option("--std", default=None, help="normalisation std (default ImageNet's)")
+@click.option("--interpolation", default=None, help="default: the release's or timm's cfg")
+@click.option("--crop-mode", type=click.Choice(["center", "squash"]), default=None,
+              help="squash: resize both edges (timm's NFNet cfg); default: the release's or timm's cfg")
+@click.option("--mean", default=None, help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the release's or timm's cfg)")
+@click.option("--std", default=None, help="normalisation std (default: the release's or timm's cfg)")
 @click.option("--num-classes", default=1000, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--workers", default=4, show_default=True)
@@ -165,26 +168,34 @@ def evaluate_into_cell(model, checkpoint, data, *, transform, img_size, form, ou
               help="evaluate the deploy (folded) form: a train-form file is loaded, then folded")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="write result.json here (runs/<table>/<row>[--<column>] fills that table cell)")
-def eval_command(model, checkpoint, data, split, img_size, crop_pct, resize, interpolation, mean, std, num_classes,
-                 batch_size, workers, deploy_form, output):
-    """Top-1/top-5 of MODEL with the given weights, with the papers' eval transform."""
-    from reproduce.engine.evaluate import default_transform
+def eval_command(model, checkpoint, data, split, img_size, crop_pct, resize, interpolation, crop_mode, mean, std,
+                 num_classes, batch_size, workers, deploy_form, output):
+    """Top-1/top-5 of MODEL with the given weights. The eval transform is the release's (recipes/weights.yaml,
+    matched by file name or model), else timm's pretrained cfg of MODEL; the flags override it."""
+    from reproduce import weights
 
     def floats(text):
-        return [float(v) for v in text.split(",")] if text else None
+        try:
+            return [float(v) for v in text.split(",")] if text else None
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not comma-separated numbers", param_hint="--mean/--std") from None
 
-    transform = default_transform(img_size, crop_pct, interpolation, floats(mean), floats(std))
-    if resize:
-        transform["resize"] = resize
+    transform, source = weights.resolve_transform(
+        model, img_size, checkpoint, resize=resize, crop_pct=None if resize else crop_pct,
+        interpolation=interpolation, crop_mode=crop_mode, mean=floats(mean), std=floats(std))
+    release = weights.release_of_model(model, img_size, checkpoint)
     try:
         result = evaluate_into_cell(model, checkpoint, data, transform=transform, img_size=img_size,
                                     form="deploy" if deploy_form else "train", output=output,
                                     cell=cell_of_output(output), split=split, num_classes=num_classes,
-                                    batch_size=batch_size, workers=workers)
+                                    batch_size=batch_size, workers=workers,
+                                    release=release.name if release and Path(checkpoint).name == release.local_name
+                                    else None)
     except (EngineError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{model}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['images']} images, "
                f"{result['layout']} layout, {result['form']} form)")
+    click.echo(f"transform: {weights.describe_transform(transform)} ({source})")
     if output:
         click.echo(f"-> {Path(output) / 'result.json'}")
 

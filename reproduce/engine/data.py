@@ -92,13 +92,17 @@ def build_transform(data_cfg: dict, is_training: bool, img_size: int, crop_pct: 
 
 
 def eval_transform(transform: dict):
-    """An authors' eval transform, exactly: resize the short side to `resize` px, centre-crop `crop`,
+    """An authors' eval transform, exactly: resize the short side (crop_mode 'squash': both edges) to
+    `resize` px, centre-crop `crop`,
     normalise with `mean`/`std` (the weights manifest records these per release)."""
     from timm.data import str_to_interp_mode
     from torchvision import transforms
 
+    size = int(transform["resize"])
+    squash = transform.get("crop_mode", "center") == "squash"  # timm's 'squash': both edges to `resize`
     return transforms.Compose([
-        transforms.Resize(int(transform["resize"]), interpolation=str_to_interp_mode(transform.get("interpolation", "bicubic"))),
+        transforms.Resize((size, size) if squash else size,
+                          interpolation=str_to_interp_mode(transform.get("interpolation", "bicubic"))),
         transforms.CenterCrop(int(transform["crop"])), transforms.ToTensor(),
         transforms.Normalize(tuple(transform["mean"]), tuple(transform["std"]))])
 

@@ -26,8 +26,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from reproduce.engine import EngineError, checkpoint, distributed, frd, recipe_field, token_labeling
-from reproduce.engine.data import (build_dataset, build_mixup, build_transform, eval_loader, make_generated_dataset,
-                                  train_loader)
+from reproduce.engine.data import (build_dataset, build_mixup, build_transform, eval_loader, eval_transform,
+                                  make_generated_dataset, train_loader)
 from reproduce.engine.distill import (ClassificationLoss, build_teacher, create_model, init_from_teacher, load_into,
                                      load_state)
 from reproduce.engine.evaluate import autocast, check_classes, evaluate
@@ -84,8 +84,11 @@ def build_data(run, data: str | None) -> None:
     per_process = recipe["batch_size"] // ctx.world
     root = run.data_root = resolve_data(recipe, data, run.output, ctx)
     img_size, crop_pct = cfg_data["img_size"], cfg_data.get("crop_pct", 0.9)
+    from reproduce.weights import recipe_transform
+
+    run.eval_transform = recipe_transform(recipe["model"]["name"], cfg_data)[0]  # the one rule (reproduce.weights)
     with recipe_field(recipe, "data"):
-        transforms = build_transform(cfg_data, True, img_size, crop_pct), build_transform(cfg_data, False, img_size, crop_pct)
+        transforms = build_transform(cfg_data, True, img_size, crop_pct), eval_transform(run.eval_transform)
     train_set = build_dataset(cfg_data, root, cfg_data.get("train_split", "train"), True, img_size, crop_pct,
                               transforms[0])
     val_set = build_dataset(cfg_data, root, cfg_data.get("val_split", "validation"), False, img_size, crop_pct,
@@ -318,7 +321,6 @@ def deploy_form(run, metrics: dict):
 def finish(run, metrics: dict, info: dict) -> dict:
     """Save the final model in its train and deploy forms, then the cell's result.json (with provenance)."""
     from reproduce import provenance
-    from reproduce.engine.evaluate import default_transform
 
     data, extra = run.recipe["data"], {k: info[k] for k in ("teacher_top1",) if k in info}
     result = {"top1": metrics["top1"], "top5": metrics["top5"]}
@@ -337,7 +339,7 @@ def finish(run, metrics: dict, info: dict) -> dict:
             weights={"path": str((run.output / "model.pt").resolve()), "layout": "ours"},
             data={"root": run.data_root, "split": data.get("val_split", "validation"), "images": metrics.get("images"),
                   "classes": run.recipe["model"]["num_classes"]},
-            transform=default_transform(data["img_size"], data.get("crop_pct", 0.9), data.get("interpolation", "bicubic")),
+            transform=run.eval_transform,
             scale=run.recipe["scale"], device=str(run.ctx.device), command=info.get("command") or None,
             epochs=run.total_epochs, **extra, **forms)
     return result
