@@ -36,10 +36,11 @@ def cell_run(table: str, row: str, column: str | None, recipe_option: str | None
         raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(spec.rows)})")
     spec_row = spec.rows[row]
     own_runs = [c for c in spec.columns if c in spec_row.recipes]  # in the table's column order
-    if column is None and own_runs:
+    if column is None and own_runs and not spec_row.recipe:
         raise EngineError(f"row {row} of {table} trains one run per column: add --column ({', '.join(own_runs)})")
     if column is not None and column not in own_runs:
         own = f"its columns: {', '.join(own_runs)}" if own_runs else "drop --column"
+        own += "; without --column it trains the row's own recipe" if own_runs and spec_row.recipe else ""
         raise EngineError(f"row {row} of {table} has no recipe of its own for column {column!r} ({own})")
     recipe = recipe_option or (spec.recipe_of(row, column) if column else spec_row.recipe)
     if not recipe:
