@@ -66,6 +66,15 @@ def _help_texts() -> list[str]:
     return texts
 
 
+def _missing_file_hints() -> list[str]:
+    """What `reproduce train` and `reproduce weights TABLE` say to get each recipe's teacher/init file."""
+    from reproduce.engine.dryrun import how_to_get, needed_files, recipe_files
+    from reproduce.engine.recipe import load_recipe
+
+    paths = {path for recipe in recipe_files() for _, path in needed_files(load_recipe(recipe))}
+    return [how_to_get(path) for path in sorted(paths)]
+
+
 def printed_commands() -> dict[str, str]:
     """{command: where it is printed (first place)}."""
     sources: list[tuple[str, str]] = []
@@ -76,6 +85,7 @@ def printed_commands() -> dict[str, str]:
     for path in sorted((ROOT / "results").glob("*/*.md")) + [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
         sources.append((str(path.relative_to(ROOT)), path.read_text()))
     sources += [("--help", text) for text in _help_texts()]
+    sources += [("missing-file hints", text) for text in _missing_file_hints()]
     commands: dict[str, str] = {}
     for where, text in sources:
         for command in _commands_in_text(text):
@@ -156,7 +166,7 @@ RUNNABLE = sorted(c for c in COMMANDS if not is_reference(c))
 
 def test_the_suite_prints_commands_from_every_source():
     wheres = {where.split("/")[0] for where in COMMANDS.values()}
-    assert {"results", "README.md", "docs"} <= wheres, wheres  # (no --help text prints one today)
+    assert {"results", "README.md", "docs", "missing-file hints"} <= wheres, wheres  # (no --help text prints one today)
     assert any(c.startswith("reproduce train sit-2 sit_ti") for c in RUNNABLE)  # the notes' headline cells
     assert len(RUNNABLE) >= 250, len(RUNNABLE)
 

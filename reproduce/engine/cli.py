@@ -102,13 +102,18 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
         if dry_run:
             path, run_name, column = cell_run(table, row, column, recipe_option)
             sys.exit(_report_dry_runs([path], use_cache=False, label=f"{table}/{run_name}"))
-        if nproc > 1 and not distributed.launched_by_torchrun():
-            sys.exit(_relaunch_under_torchrun(nproc))
+        from reproduce.engine.dryrun import missing_files
         from reproduce.engine.recipe import load_recipe
-        from reproduce.engine.train import train
 
         path, run_name, column = cell_run(table, row, column, recipe_option)
         recipe = load_recipe(path, scale=scale)
+        missing = missing_files(recipe, data, need_data=scale == "full", table=table)  # before any work starts
+        if missing:
+            raise EngineError(f"{table}/{run_name} cannot start; missing: {'; '.join(missing)}")
+        if nproc > 1 and not distributed.launched_by_torchrun():
+            sys.exit(_relaunch_under_torchrun(nproc))
+        from reproduce.engine.train import train
+
         output = output or RUNS / table / run_name
         world = int(os.environ.get("WORLD_SIZE", nproc))
         info = {"table": table, "row": row, "column": column,
