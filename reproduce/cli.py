@@ -224,6 +224,27 @@ def _evaluate_released(table_id, weights_dir, data):
     console.print(f"{spec.id}: evaluated {len(done)} row(s) from released weights in {weights_dir}", highlight=False)
 
 
+def _echo_needed_files(spec) -> None:
+    """The teacher and initial-weight files the table's recipes load in a real run (not the released
+    files above: these sit where each recipe names them), with where each comes from."""
+    from reproduce.engine.dryrun import how_to_get, needed_files
+    from reproduce.engine.recipe import load_recipe
+    from reproduce.registry import RECIPES
+
+    needed: dict[str, list[str]] = {}
+    recipes = {r for row in spec.rows.values() for r in [row.recipe, *row.recipes.values()] if r}
+    for recipe in sorted(r for r in recipes if (RECIPES / r).is_file()):
+        for _, path in needed_files(load_recipe(RECIPES / recipe)):
+            needed.setdefault(path, []).append(recipe)
+    if not needed:
+        return
+    click.echo(f"{spec.id}: teacher/init files its recipes load in a real run")
+    for path, users in sorted(needed.items()):
+        state = "✓" if Path(path).is_file() else f"missing: {how_to_get(path, spec.id)}"
+        click.echo(f"  {path} ({len(users)} recipe{'s' if len(users) > 1 else ''}): {state}")
+    click.echo("")
+
+
 @main.command("weights")
 @click.argument("table_ids", nargs=-1)
 @click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=Path("weights"), show_default=True,
@@ -271,6 +292,8 @@ def weights_command(table_ids, weights_dir, download):
             from tabulate import tabulate
 
             click.echo(f"{title}\n\n{tabulate(lines, headers=headers, tablefmt='github')}\n")
+    for table_id in ids:
+        _echo_needed_files(_spec(table_id))
     to_fetch = list({r.name: r for r in missing}.values())
     by_browser = [r for r in to_fetch if weights.needs_browser(r)]
     if missing or held:

@@ -443,9 +443,18 @@ class TableRun:
         recipe = self.spec.recipe_of(row.id, column.id)
         if recipe and (RECIPES / recipe).exists():
             return f"{prefix}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
-        model = self.target(row, column).model or "MODEL"
-        return (f"{prefix}needs ImageNet-1k and trained weights: `reproduce eval {model} --checkpoint FILE "
-                f"--data /path/to/imagenet --output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}`")
+        model = self.target(row, column).model or (release.model if release else None)
+        if model is None:  # a row of several models (one per column): its cell note names each
+            return f"{prefix}needs ImageNet-1k and the trained weights of this column's model"
+        return f"{prefix}needs ImageNet-1k and trained weights: `{self.eval_command(row, column, model)}`"
+
+    def eval_command(self, row, column, model: str) -> str:
+        """The `reproduce eval` line whose result.json provenance.accept takes for this cell: the
+        model, the row's image size and form (a default left out), written to the cell's run folder."""
+        size = f" --img-size {row.img_size}" if row.img_size != 224 else ""
+        deploy = " --deploy" if (column.form or row.form) == "deploy" else ""
+        return (f"reproduce eval {model} --checkpoint FILE --data /path/to/imagenet{size}{deploy} "
+                f"--output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}")
 
     def cell(self, ref) -> dict | None:
         if ref.reported in NOT_REPORTED:

@@ -36,10 +36,11 @@ def cell_run(table: str, row: str, column: str | None, recipe_option: str | None
         raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(spec.rows)})")
     spec_row = spec.rows[row]
     own_runs = [c for c in spec.columns if c in spec_row.recipes]  # in the table's column order
-    if column is None and own_runs:
+    if column is None and own_runs and not spec_row.recipe:
         raise EngineError(f"row {row} of {table} trains one run per column: add --column ({', '.join(own_runs)})")
     if column is not None and column not in own_runs:
         own = f"its columns: {', '.join(own_runs)}" if own_runs else "drop --column"
+        own += "; without --column it trains the row's own recipe" if own_runs and spec_row.recipe else ""
         raise EngineError(f"row {row} of {table} has no recipe of its own for column {column!r} ({own})")
     recipe = recipe_option or (spec.recipe_of(row, column) if column else spec_row.recipe)
     if not recipe:
@@ -101,13 +102,18 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
         if dry_run:
             path, run_name, column = cell_run(table, row, column, recipe_option)
             sys.exit(_report_dry_runs([path], use_cache=False, label=f"{table}/{run_name}"))
-        if nproc > 1 and not distributed.launched_by_torchrun():
-            sys.exit(_relaunch_under_torchrun(nproc))
+        from reproduce.engine.dryrun import missing_files
         from reproduce.engine.recipe import load_recipe
-        from reproduce.engine.train import train
 
         path, run_name, column = cell_run(table, row, column, recipe_option)
         recipe = load_recipe(path, scale=scale)
+        missing = missing_files(recipe, data, need_data=scale == "full", table=table)  # before any work starts
+        if missing:
+            raise EngineError(f"{table}/{run_name} cannot start; missing: {'; '.join(missing)}")
+        if nproc > 1 and not distributed.launched_by_torchrun():
+            sys.exit(_relaunch_under_torchrun(nproc))
+        from reproduce.engine.train import train
+
         output = output or RUNS / table / run_name
         world = int(os.environ.get("WORLD_SIZE", nproc))
         info = {"table": table, "row": row, "column": column,

@@ -128,6 +128,57 @@ def _checkpoints(recipe: dict) -> list[str]:
     return [p for p in paths + [init if init not in ("imitation_teacher", "teacher") else None] if p]
 
 
+def needed_files(recipe: dict) -> list[tuple[str, str]]:
+    """(recipe field, path) of every file a real run of `recipe` loads, under the conditions that
+    train.build_models and frd.build load them: each teacher in use, the initial weights."""
+    from reproduce.engine.recipe import get
+
+    fields = ["distill.teacher"] if get(recipe, "distill.type", "none") != "none" else []
+    fields += ["imitation.teacher"] if get(recipe, "imitation.enabled") else []
+    if get(recipe, "frd.enabled"):
+        fields += ["frd.teacher"] + (["frd.cnn_teacher"] if get(recipe, "frd.lambda_hard", 0.0) else [])
+        fields += ["model.init_teacher"] if get(recipe, "model.init_from") == "teacher" else []
+    found = [(f"{f}.checkpoint", get(recipe, f"{f}.checkpoint")) for f in fields]
+    init = get(recipe, "model.init_from")
+    found += [("model.init_from", init)] if init not in (None, "imitation_teacher", "teacher") else []
+    return [(where, str(path)) for where, path in found if path]
+
+
+def how_to_get(path: str, table: str | None = None) -> str:
+    """Where a checkpoint file comes from: the weights manifest's release of that file name, if any
+    (fetched through `table` when that table lists it)."""
+    from reproduce import weights
+
+    try:
+        named = [r for r in weights.releases().values() if r.local_name == Path(path).name]
+    except (weights.WeightsError, OSError, ValueError):
+        named = []
+    for release in named:
+        tables = sorted({t for t, _ in weights.cells_of(release.name)}, key=lambda t: t != table)
+        if tables:
+            return f"`reproduce weights {tables[0]} --weights {Path(path).parent} --download`"
+        return f"{release.project}'s release ({release.url or release.timm_tag})"
+    return "not in recipes/weights.yaml: train or fetch it and put it there"
+
+
+def missing_files(recipe: dict, data: str | None = None, need_data: bool = False, table: str | None = None) -> list[str]:
+    """One phrase per file or folder a real run of `recipe` needs that is not there, with how to get it."""
+    from reproduce.engine.data import _check_folder
+
+    missing = [f"{path} ({where}; {how_to_get(path, table)})" for where, path in needed_files(recipe)
+               if not Path(path).is_file()]
+    if data is None and need_data:
+        missing.append("ImageNet-1k (pass --data /path/to/imagenet with train/ and validation/ folders)")
+    elif data is not None:
+        for split in (recipe["data"].get("train_split", "train"), recipe["data"].get("val_split", "validation")):
+            try:
+                _check_folder(data, split)
+            except EngineError as err:
+                missing.append(str(err))
+                break
+    return missing
+
+
 def cache_key(recipe: dict) -> str:
     """The resolved recipe (minus its description and path), the code, and the checkpoint files."""
     config = {k: v for k, v in recipe.items() if k not in IGNORED_FIELDS}
@@ -224,6 +275,9 @@ def _run(recipe: dict) -> DryRun:
         outcome.teachers.append(_teacher_note(recipe, "frd.teacher", "FRD"))
     if init and init not in ("imitation_teacher", "teacher") and not Path(init).is_file():
         outcome.notes.append(f"model.init_from {init} not found: random initial weights")
+    missing = missing_files(recipe)
+    if missing:
+        outcome.notes.append(f"random weights stood in; a real run needs {'; '.join(missing)}")
     run.model.train()
     with recipe_field(recipe, "model"):
         terms = engine.training_step(run, images.to(ctx.device), targets.to(ctx.device))
