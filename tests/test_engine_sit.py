@@ -119,10 +119,31 @@ def test_block_pairs():
 
 # --- optimization and initialization (through the engine, as a run builds them) ------------------
 
+STUDENT_RECIPES = [p for p in SIT_RECIPES if "teachers" not in p.parts and p.name != "sit_ti_paper_lr.yaml"]
+
+
+@pytest.mark.parametrize("path", STUDENT_RECIPES, ids=lambda p: str(p.relative_to(SIT)))
+def test_sit_students_train_at_the_official_scripts_lr(path):
+    # exp/*/train.sh --lr 2e-4, main.py x batch/512, RTSM x5: 4e-4 / 2e-3 at batch 1024 (not the
+    # paper's batch/1024 formula, which is sit_ti_paper_lr.yaml)
+    recipe = load_recipe(path)
+    lr, recalibration_lr = engine.peak_lrs(recipe)
+    assert recipe["batch_size"] == 1024
+    assert lr == pytest.approx(4e-4, rel=1e-12)
+    if recipe["optimizer"].get("recalibration_lr_base") is not None:
+        assert recalibration_lr == pytest.approx(2e-3, rel=1e-12)
+
+
+def test_paper_lr_variant_is_the_formula_of_sec_4_1():
+    lr, recalibration_lr = engine.peak_lrs(load_recipe(SIT / "sit_ti_paper_lr.yaml"))
+    assert (lr, recalibration_lr) == pytest.approx((2e-4, 1e-3), rel=1e-12)
+
+
 def test_recalibration_branch_trains_at_five_times_the_lr(tmp_path, generated):
     run = build(SIT / "sit_ti.yaml", generated, tmp_path)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
     assert groups["recalibration"]["lr"] == pytest.approx(5 * groups["backbone"]["lr"])
+    assert (groups["backbone"]["lr"], groups["recalibration"]["lr"]) == pytest.approx(engine.peak_lrs(run.recipe))
     assert groups["backbone_no_decay"]["lr"] == groups["backbone"]["lr"] and groups["backbone_no_decay"]["weight_decay"] == 0
     names = {id(p): n for n, p in run.model.named_parameters()}
     recal = {names[id(p)] for p in groups["recalibration"]["params"]}
