@@ -139,6 +139,12 @@ def test_paper_lr_variant_is_the_formula_of_sec_4_1():
     assert (lr, recalibration_lr) == pytest.approx((2e-4, 1e-3), rel=1e-12)
 
 
+def test_sit_l_trains_with_gradient_checkpointing_as_official(tmp_path, generated):
+    # models/lvvit.py: sit_lvvit_large(..., with_cp=True); the other students without
+    assert build(SIT / "sit_l.yaml", generated, tmp_path / "l").model.grad_checkpointing is True
+    assert build(SIT / "sit_ti.yaml", generated, tmp_path / "ti").model.grad_checkpointing is False
+
+
 def test_recalibration_branch_trains_at_five_times_the_lr(tmp_path, generated):
     run = build(SIT / "sit_ti.yaml", generated, tmp_path)
     groups = {g["name"]: g for g in run.optimizer.param_groups}

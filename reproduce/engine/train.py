@@ -111,6 +111,9 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
     num_classes = recipe["model"]["num_classes"]
     seed_everything(recipe.get("seed", 0))  # the same initial weights in every process
     model = create_model(recipe, "model", recipe["model"]["name"], num_classes, recipe["model"].get("kwargs", {}))
+    if recipe["model"].get("grad_checkpointing"):  # activations recomputed in backward: less memory, same grads
+        with recipe_field(recipe, "model.grad_checkpointing"):
+            model.set_grad_checkpointing(True)
     distill, imitate = recipe.get("distill", {}), recipe.get("imitation", {})
     random_ok = allow_random_teachers or recipe["scale"] != "full"
     run.teacher = None
