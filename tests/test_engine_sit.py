@@ -145,6 +145,20 @@ def test_sit_l_trains_with_gradient_checkpointing_as_official(tmp_path, generate
     assert build(SIT / "sit_ti.yaml", generated, tmp_path / "ti").model.grad_checkpointing is False
 
 
+@pytest.mark.parametrize("student, teacher", [("sit_ti", "lvvit_ti"), ("sit_l", "lvvit_l")])
+def test_teacher_recipe_trains_the_shape_and_resolution_its_student_copies(student, teacher):
+    # SiT-Ti copies a 320-wide, 14-deep LV-ViT-Ti (not TL's 240-wide lvvit_t); SiT-L an 18x18-grid LV-ViT-L
+    s_recipe, t_recipe = load_recipe(SIT / f"{student}.yaml"), load_recipe(SIT / "teachers" / f"{teacher}.yaml")
+    assert s_recipe["frd"]["teacher"]["model"] == t_recipe["model"]["name"] == teacher
+    assert s_recipe["data"]["img_size"] == t_recipe["data"]["img_size"]
+    assert t_recipe["token_labeling"]["label_size"] == t_recipe["data"]["img_size"] // 16
+    with torch.device("meta"):
+        s_model = timm.create_model(student, img_size=s_recipe["data"]["img_size"])
+        t_model = timm.create_model(teacher, img_size=t_recipe["data"]["img_size"])
+    assert (s_model.embed_dim, len(s_model.blocks), s_model.pos_embed.shape) == \
+        (t_model.embed_dim, len(t_model.blocks), t_model.pos_embed.shape)
+
+
 def test_recalibration_branch_trains_at_five_times_the_lr(tmp_path, generated):
     run = build(SIT / "sit_ti.yaml", generated, tmp_path)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
