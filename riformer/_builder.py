@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -61,6 +62,31 @@ def check_choice(value: str, allowed, what: str) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
     return value
+
+
+class GradCheckpointing:
+    """timm's `set_grad_checkpointing(enable=True)` for our own model classes: each block's
+    activations are recomputed in the backward pass instead of kept (`torch.utils.checkpoint`, as
+    timm does when `self.grad_checkpointing and not torch.jit.is_scripting()`; the official SiT-L
+    runs so, `with_cp=True`). The switch reaches every part of the model that runs blocks (its
+    stages), so a stage that owns its blocks checkpoints them itself. Gradients are unchanged."""
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        for module in self.modules():
+            if isinstance(module, GradCheckpointing):
+                module.grad_checkpointing = enable
+
+    def run_block(self, block, x, *args):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    def run_blocks(self, blocks, x, *args):
+        """`blocks` in turn on `x` (each also given `args`)."""
+        for block in blocks:
+            x = self.run_block(block, x, *args)
+        return x
 
 
 class LinearHead:

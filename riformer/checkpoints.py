@@ -20,9 +20,14 @@ What it does, in order:
    (`register_layouts`), each a `Layout` naming its release; timm's own models load through
    timm's `checkpoint_filter_fn` of their module. The layout whose conversion fits the model best
    is taken; 'ours' (the model's own key names) is always a candidate.
-4. **Loads strictly**: any missing, unexpected or mis-shaped key is a one-line `CheckpointError`
-   naming the layout assumed and the first offending keys. A deploy-form file given for a
-   train-form model (or the reverse) is recognized and said so.
+4. **Loads strictly**: any missing or mis-shaped key is a one-line `CheckpointError` naming the
+   layout assumed and the first offending keys. Keys of modules the model does not have at all
+   (a release's EMA copies, extra heads such as `head_dist` or `aux_head`: the official code loads
+   with strict=False) are dropped and named in one warning line (logger `riformer.checkpoints`,
+   and `LoadReport.unexpected`); an unexpected key inside a module the model has (`blocks.0.norm1.*`
+   where the model's block has no norm1) is a structural mismatch and refused. A file's
+   top-level entries beside the weights ('optimizer', 'epoch', a second 'model_ema') are never
+   read. A deploy-form file given for a train-form model (or the reverse) is recognized and said so.
 5. `load_model(form="deploy")` loads a train-form file and then folds it (`riformer.deploy`), or
    loads a deploy-form file into the folded model.
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import logging
 import pathlib
 import pickle
 import re
@@ -50,6 +56,9 @@ import torch.nn as nn
 __all__ = ["CheckpointError", "Layout", "OURS", "LoadReport", "register_layouts", "layouts_of", "read_state_dict",
            "unwrap_state_dict", "convert_state_dict", "family_filter", "load_checkpoint", "load_model", "sha256",
            "model_name_of", "install_timm_hook"]
+
+
+LOG = logging.getLogger("riformer.checkpoints")
 
 
 class CheckpointError(ValueError):
@@ -218,9 +227,17 @@ class Fit:
     unexpected: list
     misshaped: list  # (key, file shape, model shape)
 
+    droppable: list = field(default_factory=list)  # unexpected keys of modules the model has not
+
     @property
     def exact(self) -> bool:
         return not (self.missing or self.unexpected or self.misshaped)
+
+    @property
+    def loadable(self) -> bool:
+        """Every tensor of the model is in the file at its shape; what is left over belongs to no
+        module of the model (EMA copies, extra heads) and is dropped."""
+        return not (self.missing or self.misshaped) and len(self.droppable) == len(self.unexpected)
 
     def matched(self, own: dict) -> int:
         return len(own) - len(self.missing) - len(self.misshaped)
@@ -241,7 +258,9 @@ def _fit(state: dict, own: dict, allow_missing: tuple = ()) -> Fit:
     missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
     unexpected = [k for k in state if k not in own]
     misshaped = [(k, state[k].shape, own[k].shape) for k in own if k in state and state[k].shape != own[k].shape]
-    return Fit(missing, unexpected, misshaped)
+    roots = {k.split(".", 1)[0] for k in own}
+    droppable = [k for k in unexpected if k.split(".", 1)[0] not in roots]
+    return Fit(missing, unexpected, misshaped, droppable)
 
 
 def convert_state_dict(state: dict, model: nn.Module, layouts: Sequence[Layout], allow_missing: tuple = ()):
@@ -257,7 +276,7 @@ def convert_state_dict(state: dict, model: nn.Module, layouts: Sequence[Layout],
         except Exception:  # noqa: BLE001  a conversion that cannot read this file is not its layout
             continue
         fit = _fit(converted, own, allow_missing)
-        score = (fit.exact, fit.matched(own) - len(fit.unexpected))
+        score = (fit.exact, fit.loadable, fit.matched(own) - len(fit.unexpected))
         if fit.matched(own) and (best is None or score > best[0]):
             best = (score, layout, converted, fit)
     return best[1:] if best else None
@@ -339,7 +358,7 @@ def load_checkpoint(model: nn.Module, path, *, name: Optional[str] = None, stric
     layouts = layouts_of(name)
     found = convert_state_dict(state, model, layouts, allow_missing)
     form = "deploy" if is_folded(model) else "train"
-    if found is None or (strict and not found[2].exact):
+    if found is None or (strict and not found[2].loadable):
         other = _other_form(model, name)
         if other is not None:
             other_form, other_model = other
@@ -361,11 +380,31 @@ def load_checkpoint(model: nn.Module, path, *, name: Optional[str] = None, stric
     layout, converted, fit = found
     if fit.misshaped:  # only with strict=False: load what fits
         converted = {k: v for k, v in converted.items() if k not in {m[0] for m in fit.misshaped}}
+    if fit.unexpected:
+        LOG.warning("%s (%s layout): dropped %d keys %s has no module for: %s", path, layout.name,
+                    len(fit.unexpected), name, _grouped(fit.unexpected))
     result = model.load_state_dict(converted, strict=False)
     missing = [k for k in result.missing_keys]
     if strict and [k for k in missing if not k.startswith(allow_missing)]:  # defensive: _fit said exact
         raise CheckpointError(f"{path} left {missing[0]} of {name} unloaded")
     return LoadReport(str(path), layout.name, layout.release, form, missing, list(result.unexpected_keys))
+
+
+def _grouped(keys: list) -> str:
+    """Keys named by their top module: 'head_dist.{weight,bias}, ema_model.* (312 keys)'."""
+    groups: dict = {}
+    for key in keys:
+        root, _, rest = key.partition(".")
+        groups.setdefault(root, []).append(rest)
+    parts = []
+    for root, rests in groups.items():
+        if rests == [""]:
+            parts.append(root)
+        elif len(rests) <= 3:
+            parts.append(f"{root}.{{{','.join(rests)}}}" if len(rests) > 1 else f"{root}.{rests[0]}")
+        else:
+            parts.append(f"{root}.* ({len(rests)} keys)")
+    return ", ".join(parts)
 
 
 def load_model(name: str, path, *, form: str = "train", strict: bool = True, **kwargs) -> nn.Module:

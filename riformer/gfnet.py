@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
+from riformer._builder import GradCheckpointing, LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
@@ -68,7 +68,7 @@ class Block(nn.Module):
         return x + self.drop_path(branch)
 
 
-class Stage(nn.Module):
+class Stage(GradCheckpointing, nn.Module):
     """A strided conv (patch embedding or 2x2 downsampling), then blocks on a channels-last grid.
 
     The first stage also adds the learned position embedding, (1, H, W, C).
@@ -91,10 +91,10 @@ class Stage(nn.Module):
         return x
 
     def forward(self, x):
-        return self.blocks(self.embed(x)).permute(0, 3, 1, 2)
+        return self.run_blocks(self.blocks, self.embed(x)).permute(0, 3, 1, 2)
 
 
-class GFNet(LinearHead, nn.Module):
+class GFNet(GradCheckpointing, LinearHead, nn.Module):
     """Features (`feature_info`, `forward_intermediates`): one per stage of a hierarchical model,
     one per block of the isotropic one (as timm's ViTs), NCHW."""
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from riformer._builder import check_choice, imagenet_cfg, init_vit_weights, register_family_model, tokens_to_nchw
+from riformer._builder import GradCheckpointing, check_choice, imagenet_cfg, init_vit_weights, register_family_model, tokens_to_nchw
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["LVViT", "Attention", "Block", "ConvStem", "TokenLabelingStem", "checkpoint_filter_fn"]
@@ -158,7 +158,7 @@ def make_stem(stem, embed_dim, in_chans, stem_width=64):
     raise ValueError(f"unknown stem {stem!r}")
 
 
-class LVViT(nn.Module):
+class LVViT(GradCheckpointing, nn.Module):
     global_pools = ("token", "avg", "")
     num_prefix_tokens = 1  # the class token
 
@@ -219,10 +219,7 @@ class LVViT(nn.Module):
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.blocks, self.embed(x)))
 
     def pool(self, x):
         """What the head reads of the (B, N, C) tokens, by `global_pool`."""
@@ -291,10 +288,7 @@ class LVViT(nn.Module):
         With `mix_box` (MixToken, Jiang et al. 2021 Sec. 3.2): the patch tokens inside the box come
         from the batch-flipped images, and the patch logits inside it are swapped back afterwards, so
         patch logit j of image b is always the prediction for image b's own patch j."""
-        x = self.embed(x, mix_box)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        x = self.norm(self.run_blocks(self.blocks, self.embed(x, mix_box)))
         dense = self.aux_head(x[:, 1:])
         if mix_box is not None:
             dense = mix_tokens(dense.reshape(dense.shape[0], *self.grid_size, -1), mix_box, dims=(1, 2)).flatten(1, 2)
@@ -305,7 +299,7 @@ class LVViT(nn.Module):
         x = self.embed(x)
         block_tokens = []
         for block in self.blocks:
-            x = block(x)
+            x = self.run_block(block, x)
             block_tokens.append(x[:, 1:])
         return self.forward_head(self.norm(x)), block_tokens
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 from timm.models._features import feature_take_indices
 
-from riformer._builder import LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
+from riformer._builder import GradCheckpointing, LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after, register_family_model
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["MetaFormerV1", "PoolFormerBlock", "RIFormerBlock", "Affine", "Pooling", "fold_affine_into_norm"]
@@ -170,7 +170,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class MetaFormerV1(LinearHead, nn.Module):
+class MetaFormerV1(GradCheckpointing, LinearHead, nn.Module):
     """Four stages of `block` separated by downsampling, as in the official PoolFormer.
 
     `network` alternates stages and downsampling layers (network.0 = stage 1, network.1 = the
@@ -212,8 +212,8 @@ class MetaFormerV1(LinearHead, nn.Module):
 
     def forward_features(self, x):
         x = self.patch_embed(x)
-        for layer in self.network:
-            x = layer(x)
+        for layer in self.network:  # stages (of blocks) and downsamplings
+            x = self.run_blocks(layer, x) if isinstance(layer, nn.Sequential) else layer(x)
         return self.norm(x)
 
     def forward_head(self, x, pre_logits=False):

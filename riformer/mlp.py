@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 
-from riformer._builder import (cfg_for_img_size, check_choice, imagenet_cfg, load_local_checkpoint, local_checkpoint,
+from riformer._builder import (GradCheckpointing, cfg_for_img_size, check_choice, imagenet_cfg, load_local_checkpoint, local_checkpoint,
                                prune_after, refuse_pretrained, register_timm_model, stage_intermediates)
 from riformer.checkpoints import Layout, register_layouts
 
@@ -79,7 +79,7 @@ class SwinMixerBlock(nn.Module):
         return x
 
 
-class SwinMixerStage(nn.Module):
+class SwinMixerStage(GradCheckpointing, nn.Module):
     def __init__(self, in_dim: int, dim: int, resolution: Tuple[int, int], depth: int, num_heads: int,
                  window_size: int, mlp_ratio: float, drop_path: List[float], norm_layer, downsample: bool):
         super().__init__()
@@ -95,10 +95,10 @@ class SwinMixerStage(nn.Module):
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        return self.run_blocks(self.blocks, self.downsample(x))
 
 
-class SwinMixer(nn.Module):
+class SwinMixer(GradCheckpointing, nn.Module):
     """Swin-Mixer: Swin-T/B macro design (patch 4, four stages, patch merging) with window
     spatial MLPs. Built for one input size (the token-mixing matrices are window-sized and
     the window shrinks on maps smaller than it). Features are channels-last (B, H, W, C), as

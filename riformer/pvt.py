@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 
-from riformer._builder import (LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
+from riformer._builder import (GradCheckpointing, LinearHead, check_choice, imagenet_cfg, init_vit_weights, prune_after,
                                register_family_model, stage_intermediates, tokens_to_nchw)
 from riformer.checkpoints import Layout, family_filter
 
@@ -98,7 +98,7 @@ def resize_pos_embed(pos_embed, num_extra, grid_size, height, width):
     return torch.cat([extra, grid], dim=1)
 
 
-class Stage(nn.Module):
+class Stage(GradCheckpointing, nn.Module):
     """Patch embedding, position embedding (+ class token on the last stage), blocks."""
 
     def __init__(self, in_chans, dim, patch_size, grid_size, depth, with_cls_token, drop_rate,
@@ -119,9 +119,7 @@ class Stage(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         num_extra = int(self.cls_token is not None)
         x = self.pos_drop(x + resize_pos_embed(self.pos_embed, num_extra, self.grid_size, height, width))
-        for block in self.blocks:
-            x = block(x, height, width)
-        return x, height, width
+        return self.run_blocks(self.blocks, x, height, width), height, width
 
     def forward(self, x):
         x, height, width = self.forward_tokens(x)
@@ -130,7 +128,7 @@ class Stage(nn.Module):
         return tokens_to_nchw(x, height, width)
 
 
-class PyramidVisionTransformer(LinearHead, nn.Module):
+class PyramidVisionTransformer(GradCheckpointing, LinearHead, nn.Module):
     """`global_pool`: 'token' (the class token, as the official code), 'avg' (the mean of the last
     stage's patch tokens) or '' (all tokens)."""
     global_pools = ("token", "avg", "")

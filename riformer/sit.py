@@ -291,7 +291,7 @@ class SiT(LVViT):
         recover = recover and self.rtsm is not None
         p = self.num_prefix_tokens
         for i, block in enumerate(self.blocks):
-            x = self.after_block(i, block(x))
+            x = self.after_block(i, self.run_block(block, x))
             if recover:
                 block_tokens.append(self.rtsm[i](x[:, p:]))
         return self.norm(x), block_tokens

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from riformer._builder import check_choice, imagenet_cfg, register_family_model, stage_intermediates
+from riformer._builder import GradCheckpointing, check_choice, imagenet_cfg, register_family_model, stage_intermediates
 from riformer.checkpoints import Layout, family_filter
 
 __all__ = ["PyramidViG", "checkpoint_filter_fn"]
@@ -156,7 +156,7 @@ class Block(nn.Module):
         return self.ffn(self.grapher(x))
 
 
-class PyramidViG(nn.Module):
+class PyramidViG(GradCheckpointing, nn.Module):
     """timm's names: `num_features` is the last stage's width, `head_hidden_size` the 1x1-conv
     pre-logits width after the pooling (`hidden_dim`); `global_pool=''` keeps the map, the pre-logits
     convs then apply at every position (as timm's models with a head conv after the pooling)."""
@@ -219,7 +219,7 @@ class PyramidViG(nn.Module):
     def forward_features(self, x):
         x = self.embed(x)
         for stage in self.stages:
-            x = stage.blocks(stage.downsample(x))
+            x = self.run_blocks(stage.blocks, stage.downsample(x))
         return x
 
     def forward_head(self, x, pre_logits=False):

@@ -98,6 +98,59 @@ def test_a_planted_key_fault_is_refused(tmp_path):
         load_model("riformer_s12", path, num_classes=CLASSES)
 
 
+def _with_extras(family, folder):
+    """An official file plus what releases carry beside the model's tensors: DeiT-style files a
+    second 'model_ema' entry and a distillation head/token, mmcv's EMAHook its `ema_*` buffers."""
+    path, fixture = official_file(family, folder)
+    obj = torch.load(path, weights_only=False)
+    state = obj["state_dict"] if fixture["wrapping"] == "mmpretrain" else obj.get("model", obj)
+    weights = dict(state)
+    if fixture["wrapping"] == "mmpretrain":
+        state.update({"ema_" + k.replace(".", "_"): v + 1 for k, v in weights.items()})
+        dropped = "ema_backbone_patch_embed_proj_weight"
+    else:
+        state.update({"head_dist.weight": torch.zeros(CLASSES, 8), "head_dist.bias": torch.zeros(CLASSES),
+                      "dist_token": torch.zeros(1, 1, 8)})
+        dropped = "head_dist.{weight,bias}, dist_token"
+        if fixture["wrapping"] == "deit":
+            obj["model_ema"] = {k: v + 1 for k, v in weights.items()}
+    torch.save(obj, path)
+    return path, fixture, dropped
+
+
+@pytest.mark.parametrize("family", ["riformer", "repavit", "poolformer", "sit_teacher"])
+def test_extra_keys_of_a_release_are_dropped_and_named_in_one_line(family, tmp_path, caplog):
+    path, fixture, dropped = _with_extras(family, tmp_path)
+    (tmp_path / "plain").mkdir()
+    plain, _ = official_file(family, tmp_path / "plain")
+    with caplog.at_level("WARNING", logger="riformer.checkpoints"):
+        model = load_model(fixture["model"], path, num_classes=CLASSES)
+    lines = [r.getMessage() for r in caplog.records if r.name == "riformer.checkpoints"]
+    assert len(lines) == 1 and "\n" not in lines[0] and dropped in lines[0] and fixture["layout"] in lines[0]
+    assert model.checkpoint_report.unexpected
+    reference = load_model(fixture["model"], plain, num_classes=CLASSES)  # the model's tensors, not the EMA's
+    for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("fault", ["missing", "misshaped", "inside_a_module"])
+def test_extras_do_not_excuse_a_missing_or_misshaped_key(fault, tmp_path):
+    path, fixture, _ = _with_extras("riformer", tmp_path)
+    obj = torch.load(path, weights_only=False)
+    key = "backbone.network.2.1.norm2.weight"
+    if fault == "missing":
+        obj["state_dict"].pop(key)
+    elif fault == "misshaped":
+        obj["state_dict"][key] = torch.zeros(3)
+    else:  # a tensor of a module the model has, under a name it has not: another architecture
+        obj["state_dict"]["backbone.network.2.1.norm3.weight"] = torch.zeros(3)
+    torch.save(obj, path)
+    expect = {"missing": "1 missing.*network\\.2\\.1\\.norm2", "misshaped": "network\\.2\\.1\\.norm2.* is \\(3,\\)",
+              "inside_a_module": "unexpected"}[fault]
+    with pytest.raises(CheckpointError, match=expect):
+        load_model("riformer_s12", path, num_classes=CLASSES)
+
+
 def test_train_form_release_folds_for_deploy_and_forms_are_recognised(tmp_path):
     path, _ = official_file("riformer", tmp_path)
     train = load_model("riformer_s12", path, num_classes=CLASSES)

@@ -119,10 +119,51 @@ def test_block_pairs():
 
 # --- optimization and initialization (through the engine, as a run builds them) ------------------
 
+STUDENT_RECIPES = [p for p in SIT_RECIPES if "teachers" not in p.parts and p.name != "sit_ti_paper_lr.yaml"]
+
+
+@pytest.mark.parametrize("path", STUDENT_RECIPES, ids=lambda p: str(p.relative_to(SIT)))
+def test_sit_students_train_at_the_official_scripts_lr(path):
+    # exp/*/train.sh --lr 2e-4, main.py x batch/512, RTSM x5: 4e-4 / 2e-3 at batch 1024 (not the
+    # paper's batch/1024 formula, which is sit_ti_paper_lr.yaml)
+    recipe = load_recipe(path)
+    lr, recalibration_lr = engine.peak_lrs(recipe)
+    assert recipe["batch_size"] == 1024
+    assert lr == pytest.approx(4e-4, rel=1e-12)
+    if recipe["optimizer"].get("recalibration_lr_base") is not None:
+        assert recalibration_lr == pytest.approx(2e-3, rel=1e-12)
+
+
+def test_paper_lr_variant_is_the_formula_of_sec_4_1():
+    lr, recalibration_lr = engine.peak_lrs(load_recipe(SIT / "sit_ti_paper_lr.yaml"))
+    assert (lr, recalibration_lr) == pytest.approx((2e-4, 1e-3), rel=1e-12)
+
+
+def test_sit_l_trains_with_gradient_checkpointing_as_official(tmp_path, generated):
+    # models/lvvit.py: sit_lvvit_large(..., with_cp=True); the other students without
+    assert build(SIT / "sit_l.yaml", generated, tmp_path / "l").model.grad_checkpointing is True
+    assert build(SIT / "sit_ti.yaml", generated, tmp_path / "ti").model.grad_checkpointing is False
+
+
+@pytest.mark.parametrize("student, teacher", [("sit_ti", "lvvit_ti"), ("sit_l", "lvvit_l")])
+def test_teacher_recipe_trains_the_shape_and_resolution_its_student_copies(student, teacher):
+    # SiT-Ti copies a 320-wide, 14-deep LV-ViT-Ti (not TL's 240-wide lvvit_t); SiT-L an 18x18-grid LV-ViT-L
+    s_recipe, t_recipe = load_recipe(SIT / f"{student}.yaml"), load_recipe(SIT / "teachers" / f"{teacher}.yaml")
+    assert s_recipe["frd"]["teacher"]["model"] == t_recipe["model"]["name"] == teacher
+    assert s_recipe["data"]["img_size"] == t_recipe["data"]["img_size"]
+    assert t_recipe["token_labeling"]["label_size"] == t_recipe["data"]["img_size"] // 16
+    with torch.device("meta"):
+        s_model = timm.create_model(student, img_size=s_recipe["data"]["img_size"])
+        t_model = timm.create_model(teacher, img_size=t_recipe["data"]["img_size"])
+    assert (s_model.embed_dim, len(s_model.blocks), s_model.pos_embed.shape) == \
+        (t_model.embed_dim, len(t_model.blocks), t_model.pos_embed.shape)
+
+
 def test_recalibration_branch_trains_at_five_times_the_lr(tmp_path, generated):
     run = build(SIT / "sit_ti.yaml", generated, tmp_path)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
     assert groups["recalibration"]["lr"] == pytest.approx(5 * groups["backbone"]["lr"])
+    assert (groups["backbone"]["lr"], groups["recalibration"]["lr"]) == pytest.approx(engine.peak_lrs(run.recipe))
     assert groups["backbone_no_decay"]["lr"] == groups["backbone"]["lr"] and groups["backbone_no_decay"]["weight_decay"] == 0
     names = {id(p): n for n, p in run.model.named_parameters()}
     recal = {names[id(p)] for p in groups["recalibration"]["params"]}

@@ -194,6 +194,31 @@ def test_forward_is_head_of_features_and_backward_reaches_every_parameter(name):
     assert all(any(n.startswith(prefix) for n in no_grad) for prefix in expected), (name, sorted(no_grad)[:3])
 
 
+@pytest.mark.parametrize("name", each(MODELS, slow_unless=REPRESENTATIVES))
+def test_grad_checkpointing_keeps_every_gradient_and_keeps_fewer_activations(name):
+    """timm's `set_grad_checkpointing()`: the same gradients, fewer tensors saved for backward."""
+    kwargs, size = small_build(name)
+    model = build(name, num_classes=7, **kwargs).train()
+    x = torch.randn(2, 3, size, size)
+
+    def step(enable):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad(set_to_none=True)
+        saved = []
+        torch.manual_seed(1)  # drop path / dropout: checkpoint replays the RNG state
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        out.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    plain, saved_plain = step(False)
+    checkpointed, saved_checkpointed = step(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for key, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[key], rtol=1e-5, atol=1e-7), key
+    assert saved_checkpointed < 0.7 * saved_plain, (saved_checkpointed, saved_plain)
+
+
 def fx_model(model):
     """The model traced by torch.fx with timm's leaf modules and functions (what timm's fx feature
     extraction does), returning the model's output in train and in eval mode."""

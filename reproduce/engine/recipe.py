@@ -41,7 +41,8 @@ SCHEMA = {
         "token_mixer": str,                 # pooling | identity | affine | ...: checked against the model
         "kwargs": dict,
         "init_from": (str, type(None)),     # null | imitation_teacher | teacher (SiT) | a checkpoint path
-        "init_teacher": _TEACHER,           # SiT: the LV-ViT init_from: teacher copies, if not frd.teacher
+        "init_teacher": _TEACHER,
+        "grad_checkpointing": bool,         # timm's set_grad_checkpointing(): per-block recompute (SiT-L: with_cp)           # SiT: the LV-ViT init_from: teacher copies, if not frd.teacher
     },
     "data": {
         "dataset": str,                     # timm dataset name; "" = ImageFolder / tar layout

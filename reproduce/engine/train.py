@@ -114,6 +114,9 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
     num_classes = recipe["model"]["num_classes"]
     seed_everything(recipe.get("seed", 0))  # the same initial weights in every process
     model = create_model(recipe, "model", recipe["model"]["name"], num_classes, recipe["model"].get("kwargs", {}))
+    if recipe["model"].get("grad_checkpointing"):  # activations recomputed in backward: less memory, same grads
+        with recipe_field(recipe, "model.grad_checkpointing"):
+            model.set_grad_checkpointing(True)
     distill, imitate = recipe.get("distill", {}), recipe.get("imitation", {})
     random_ok = allow_random_teachers or recipe["scale"] != "full"
     run.teacher = None
@@ -146,17 +149,25 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
     run.train_module = run.objective.train_module if run.objective is not None else model  # what DDP wraps
 
 
+def peak_lrs(recipe: dict) -> tuple[float, float | None]:
+    """The peak lr at the recipe's global batch (`lr_base` scaled linearly from `lr_base_size`), and
+    the recalibration branch's (SiT), scaled alike, or None."""
+    opt = recipe["optimizer"]
+    scale = recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
+    recalibration = opt.get("recalibration_lr_base")
+    return opt["lr_base"] * scale, (None if recalibration is None else recalibration * scale)
+
+
 def build_optimization(run) -> None:
     """Optimizer (lr scaled with the global batch), per-step cosine schedule after a warmup, AMP
     scaler, EMA, the logit loss, module imitation's hooks, and the DDP wrapper."""
     recipe, ctx, model = run.recipe, run.ctx, run.model
     opt = recipe["optimizer"]
-    lr = opt["lr_base"] * recipe["batch_size"] / opt.get("lr_base_size", recipe["batch_size"])
+    lr, recalibration_lr = peak_lrs(recipe)
     extra = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items() if k in ("eps", "betas")}
     params = model
-    if opt.get("recalibration_lr_base") is not None:  # SiT Sec. 4.1: the recalibration branch's own lr
-        params = frd.param_groups(run.train_module, lr, lr * opt["recalibration_lr_base"] / opt["lr_base"],
-                                  opt.get("weight_decay", 0.0))
+    if recalibration_lr is not None:  # SiT Sec. 4.1: the recalibration branch's own lr
+        params = frd.param_groups(run.train_module, lr, recalibration_lr, opt.get("weight_decay", 0.0))
     with recipe_field(recipe, "optimizer.name"):
         run.optimizer = create_optimizer_v2(params, opt=opt["name"], lr=lr,
                                             weight_decay=opt.get("weight_decay", 0.0), **extra)
