@@ -104,3 +104,32 @@ def test_planted_fold_that_ignores_batchnorm_statistics_fails(digits, tmp_path, 
     monkeypatch.setattr(repa, "_bn_scale_shift", scale_shift_without_statistics)
     with pytest.raises(EngineError, match="folded model does not compute what the trained one does"):
         learn("repaformer/repa_poolformer_s12.yaml", tmp_path, digits)
+
+
+IMITATION = "riformer/table4/feat80_rel20_layer4.yaml"  # module imitation (4 layers) + label-free soft KD
+
+
+def test_riformer_module_imitation_learns_from_a_trained_teacher(digits, poolformer_teacher, tmp_path):
+    threshold, result = learn(IMITATION, tmp_path, digits, poolformer_teacher)
+    print(f"{IMITATION}: top-1 {result['top1']:.2f} (teacher {result.get('teacher_top1')})")
+    assert result["top1"] >= threshold
+    assert abs(result["top1_deploy"] - result["top1_train"]) <= 0.2
+
+
+def test_planted_flipped_imitation_sign_fails_the_check(digits, poolformer_teacher, tmp_path, monkeypatch):
+    from reproduce.engine import EngineError
+    from reproduce.engine.imitation import ModuleImitation
+
+    original = ModuleImitation.loss
+
+    def flipped(self, epoch):
+        total, logged = original(self, epoch)
+        return -total, logged
+
+    monkeypatch.setattr(ModuleImitation, "loss", flipped)
+    try:
+        threshold, result = learn(IMITATION, tmp_path, digits, poolformer_teacher)
+    except EngineError as err:  # the flipped relation term diverges: the run stops on a non-finite loss
+        assert "loss is" in str(err)
+        return
+    assert result["top1"] < threshold - 50
