@@ -268,7 +268,8 @@ SCALES = ("full", "smoke", "learn")
 
 
 def load_recipe(path, scale: str = "full") -> dict:
-    """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"`, validate.
+    """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"` (then `learn:` if
+    `scale == "learn"`), validate.
 
     Raises RecipeError with a one-line message naming the file and the bad field.
     """
