@@ -312,6 +312,6 @@ for _prefix, _block, _sizes, _layouts in (
         _layers, _dims, _ls_init = CONFIGS[_size]
         register_family_model(__name__, f"{_prefix}_{_size}",
                               f"{_prefix} {_size.upper()}: layers {_layers}, widths {_dims}",
-                              partial(MetaFormerV1, _layers, _dims, block=_block),
+                              partial(MetaFormerV1, layers=_layers, embed_dims=_dims, block=_block),
                               imagenet_cfg("patch_embed.proj", pool_size=(7, 7)), _layouts,
                               layer_scale_init_value=_ls_init)

@@ -7,12 +7,16 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--runlearning", action="store_true",
+                     help="also run the learning check (tests marked learning; minutes, its own CI step)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow on 2 CPU cores: run with `make test-slow`")
+    skip_learning = pytest.mark.skip(reason="the learning check takes minutes: run with "
+                                            "`python -m pytest -q -m learning --runlearning`")
+    skip_slow = pytest.mark.skip(reason="slow on 2 CPU cores: run with `make test-slow`")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "learning" in item.keywords and not config.getoption("--runlearning"):
+            item.add_marker(skip_learning)
+        elif "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)

@@ -84,8 +84,9 @@ def _relaunch_under_torchrun(nproc: int) -> int:
 @click.argument("row")
 @click.option("--column", type=str, default=None, help="the accuracy column, for rows that train one run per column")
 @click.option("--data", type=str, default=None, help="dataset root (ImageFolder: train/ and validation/ folders)")
-@click.option("--scale", type=click.Choice(["smoke", "full"]), default="full", show_default=True,
-              help="smoke: tiny images, few steps, generated data unless --data")
+@click.option("--scale", type=click.Choice(["smoke", "learn", "full"]), default="full", show_default=True,
+              help="smoke: tiny images, few steps, generated data unless --data; learn: a tiny width "
+                   "trained on sklearn's digits (the learning check)")
 @click.option("--nproc", type=int, default=1, show_default=True, help="processes (GPUs) on this node")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="default runs/<table>/<row> (runs/<table>/<row>--<column> with --column)")

@@ -221,7 +221,7 @@ def build(recipe: dict, student: nn.Module, num_classes: int, random_ok: bool = 
     """The FRD objective of a recipe: checks, teachers (frozen), initialization of the student.
     `random_ok`: teachers without their checkpoint file get random weights (smoke runs, dry runs)."""
     cfg = recipe["frd"]
-    random_ok = random_ok or recipe["scale"] != "full"
+    random_ok = random_ok or recipe["scale"] == "smoke"
     check_terms(recipe, student)
     teacher = build_teacher(recipe, "frd.teacher", num_classes, "FRD teacher", random_ok)
     check_teacher_fits(recipe, student, teacher)

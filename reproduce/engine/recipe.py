@@ -7,6 +7,8 @@ names another model (`model.name`, a teacher's `model`) starts from its own kwar
 place where a smoke run differs from a full one, except two rules that keep a smoke run the row's
 own: the imitation epochs scale with the epochs (so Table 4's rows stay distinct), and logit
 teachers are built at the reduced shape `recipes/smoke_teachers.yaml` gives their family.
+`scale="learn"` (the learning check, docs/training.md) merges `smoke:` and then `learn:`: the row's
+own code at a tiny width, long enough to learn the handwritten digits (engine/digits.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ _TEACHER = {"model": (str, type(None)), "checkpoint": (str, type(None)), "kwargs
             "constructor": (str, type(None))}  # a model class built with kwargs (smoke_teachers.yaml)
 SCHEMA = {
     "description": str,
+    "learn_threshold": _NUM,                # learn scale: the val top-1 (%) the learning check requires
     "seed": int,
     "epochs": int,
     "steps_per_epoch": (int, type(None)),   # cut epochs short (smoke runs); null = the whole loader
@@ -64,6 +67,7 @@ SCHEMA = {
         "no_aug": bool,                     # deterministic train transform (equivalence tests)
         "workers": int,
         "generated": {"classes": int, "images_per_class": int, "image_size": int},
+        "digits": bool,                     # learn scale: sklearn's digits as an ImageFolder (engine/digits.py)
     },
     "optimizer": {
         "name": str,                        # adamw | lamb | any timm optimizer
@@ -261,19 +265,27 @@ def _reduce_logit_teacher(recipe: dict, smoke: dict) -> None:
         teacher.setdefault("constructor", reduced["constructor"])
 
 
+SCALES = ("full", "smoke", "learn")
+
+
 def load_recipe(path, scale: str = "full") -> dict:
-    """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"`, validate.
+    """Read a recipe, resolve `base:`, apply the `smoke:` section if `scale == "smoke"` (then `learn:` if
+    `scale == "learn"`), validate.
 
     Raises RecipeError with a one-line message naming the file and the bad field.
     """
-    if scale not in ("full", "smoke"):
-        raise RecipeError(f"scale must be `full` or `smoke`, not {scale!r}")
+    if scale not in SCALES:
+        raise RecipeError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
     path = Path(path).resolve()
     recipe = _read(path)
     smoke = recipe.pop("smoke", {}) or {}
+    learn = recipe.pop("learn", {}) or {}
     _validate(smoke, SCHEMA, "smoke.", path)  # checked at every scale, so typos show up early
-    if scale == "smoke":
+    _validate(learn, SCHEMA, "learn.", path)
+    if scale in ("smoke", "learn"):
         full_epochs = recipe.get("epochs")
+        if scale == "learn":
+            smoke = merge(smoke, learn)
         recipe = merge(recipe, smoke)
         _scale_imitation_epochs(recipe, smoke, full_epochs)
         _reduce_logit_teacher(recipe, smoke)

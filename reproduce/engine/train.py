@@ -28,6 +28,7 @@ from timm.utils import ModelEmaV3
 from reproduce.engine import EngineError, checkpoint, distributed, frd, recipe_field, token_labeling
 from reproduce.engine.data import (build_dataset, build_mixup, build_transform, eval_loader, eval_transform,
                                   make_generated_dataset, train_loader)
+from reproduce.engine.digits import make_digits_dataset
 from reproduce.engine.distill import (ClassificationLoss, build_teacher, create_model, init_from_teacher, load_into,
                                      load_state)
 from reproduce.engine.evaluate import autocast, check_classes, evaluate
@@ -41,15 +42,20 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_data(recipe: dict, data: str | None, output: Path, ctx) -> str:
-    """The data root: --data, or for smoke runs a generated ImageFolder under the output folder."""
+    """The data root: --data, or for smoke runs a generated ImageFolder under the output folder (the
+    digits for learn runs)."""
     if data:
         return data
     if recipe["scale"] == "full":
         raise EngineError("no ImageNet data: pass --data /path/to/imagenet (with train/ and validation/ folders); "
                           "the cell stays pending until a full run writes its result")
-    root = output / "generated-data"
+    digits = recipe["data"].get("digits", False)
+    root = output / ("digits-data" if digits else "generated-data")
     if ctx.is_main:
-        make_generated_dataset(root, **recipe["data"].get("generated", {}))
+        if digits:
+            make_digits_dataset(root, image_size=recipe["data"]["img_size"])
+        else:
+            make_generated_dataset(root, **recipe["data"].get("generated", {}))
     distributed.barrier(ctx)
     return str(root)
 
@@ -118,7 +124,7 @@ def build_models(run, allow_random_teachers: bool = False) -> None:
         with recipe_field(recipe, "model.grad_checkpointing"):
             model.set_grad_checkpointing(True)
     distill, imitate = recipe.get("distill", {}), recipe.get("imitation", {})
-    random_ok = allow_random_teachers or recipe["scale"] != "full"
+    random_ok = allow_random_teachers or recipe["scale"] == "smoke"  # learn runs need trained teachers
     run.teacher = None
     if distill.get("type", "none") != "none":
         run.teacher = build_teacher(recipe, "distill.teacher", num_classes, "distillation teacher", random_ok)
