@@ -210,7 +210,7 @@ def all_tables(columns, device, results_dir, no_cache):
 
 def _evaluate_released(table_id, weights_dir, data):
     from reproduce import weights
-    from reproduce.engine import EngineError
+    from reproduce.engine import EngineError, cells
 
     if not data:
         raise SuiteError("--weights needs --data /path/to/imagenet (the validation set to evaluate on)")
@@ -218,7 +218,7 @@ def _evaluate_released(table_id, weights_dir, data):
         raise SuiteError(f"weights folder {weights_dir} does not exist")
     spec = _spec(table_id)
     try:
-        done = weights.evaluate_table(spec, weights_dir, data, echo=lambda line: console.print(line, highlight=False))
+        done = cells.evaluate_table(spec, weights_dir, data, echo=lambda line: console.print(line, highlight=False))
     except (weights.WeightsError, EngineError) as err:
         raise SuiteError(str(err)) from None
     console.print(f"{spec.id}: evaluated {len(done)} row(s) from released weights in {weights_dir}", highlight=False)

@@ -8,7 +8,7 @@
     find(release, weights_dir)  its file in DIR (checksum verified where published), or None
     transform_of(release)       the authors' eval transform {resize, crop, interpolation, mean, std, crop_mode}
     resolve_transform(model, img_size[, checkpoint], **overrides)   the one eval-transform rule
-    evaluate_table(spec, weights_dir, data)   evaluate every row whose file is in DIR (reproduce table --weights)
+    (evaluating every row whose file is in DIR, `reproduce table --weights`: engine/cells.evaluate_table)
 
 Errors are `WeightsError` (one line).
 """
@@ -240,7 +240,7 @@ def describe_transform(t: dict) -> str:
 
 def find(release: Release, weights_dir) -> Path | None:
     """The release's file in `weights_dir` (None if absent), its checksum checked where published."""
-    from reproduce.provenance import file_sha256
+    from riformer.checkpoints import sha256 as file_sha256
 
     path = Path(weights_dir) / release.local_name
     if not path.is_file():
@@ -312,42 +312,3 @@ def download(release: Release, weights_dir) -> Path:
         target.unlink()
         raise
     return target
-
-
-def evaluate_table(spec, weights_dir, data, *, batch_size=128, workers=None, echo=print) -> list[str]:
-    """Evaluate every row of `spec` whose release file is in `weights_dir`, with the release's
-    transform, into the cell's run folder (result.json with provenance). Returns the rows done."""
-    from reproduce.engine.cli import RUNS, evaluate_into_cell
-    from reproduce.engine import EngineError
-
-    done = []
-    printed = set(zip(spec.reference["row"], spec.reference["column"]))
-    for row in map(spec.rows.get, accuracy_rows(spec)):
-        own_columns = column_releases(spec.id, row.id)
-        folders = {}  # run folder -> (column, release, whether the release is that column's own model)
-        for column in spec.columns_of_kind("accuracy"):
-            release = release_for_cell(spec, row.id, column.id) if (row.id, column.id) in printed else None
-            if release is not None:
-                folders.setdefault(spec.run_name(row.id, column.id), (column, release, column.id in own_columns))
-        evaluated = False
-        for folder, (column, release, by_column) in folders.items():
-            path = find(release, weights_dir)
-            if path is None:
-                continue
-            form = column.form or row.form
-            model = release.model if by_column else row.model
-            try:
-                result = evaluate_into_cell(
-                    model, str(path), data, transform=transform_of(release), img_size=row.img_size, form=form,
-                    output=RUNS / spec.id / folder, cell={"table": spec.id, "row": row.id,
-                                                          "column": column.id if folder != row.id else None},
-                    batch_size=batch_size, workers=EVAL_WORKERS if workers is None else workers, release=release.name,
-                    model_kwargs=None if by_column else row.model_kwargs)
-            except EngineError as err:
-                raise WeightsError(f"{spec.id}/{row.id}: {err}") from None
-            echo(f"{spec.id}/{folder}: {release.local_name} -> top-1 {result['top1']:.2f} "
-                 f"({result['images']} images, {form} form)")
-            evaluated = True
-        if evaluated:
-            done.append(row.id)
-    return done

@@ -276,8 +276,8 @@ def test_table_with_released_weights_end_to_end(tmp_path, monkeypatch):
     """Three families' official files in DIR: evaluated, then refused (generated data is not
     ImageNet-1k val); with the test-only override of the val counts the cells fill."""
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
-    import reproduce.engine.cli as engine_cli
-    monkeypatch.setattr(engine_cli, "RUNS", tmp_path / "runs")
+    import reproduce.engine.cells as engine_cells
+    monkeypatch.setattr(engine_cells, "RUNS", tmp_path / "runs")
     folder = tmp_path / "weights"
     folder.mkdir()
     for family, release in (("poolformer", "poolformer_s12"), ("pvt", "pvt_small"), ("gfnet", "gfnet_h_ti")):

@@ -121,7 +121,7 @@ def validate(command: str, tmp: Path) -> None:
         args = ctx._protected_args + ctx.args if isinstance(command_obj, click.Group) else args
     params, name = ctx.params, path[0]
     if name == "train":
-        from reproduce.engine.cli import cell_run
+        from reproduce.engine.cells import cell_run
 
         recipe, _, _ = cell_run(params["table"], params["row"], params["column"], params["recipe_option"])
         assert recipe.is_file(), f"recipe {recipe} does not exist"
@@ -134,7 +134,7 @@ def validate(command: str, tmp: Path) -> None:
         for model in models:
             assert timm.is_model(model), f"no model {model!r}"
         if name == "eval" and params["output"] is not None:
-            from reproduce.engine.cli import cell_of_output
+            from reproduce.engine.cells import cell_of_output
 
             output = Path(params["output"])
             cell = cell_of_output(ROOT / output if not output.is_absolute() else output)

@@ -83,7 +83,7 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
 
     from reproduce import runner
     from reproduce.engine import EngineError
-    from reproduce.engine.cli import cell_run
+    from reproduce.engine.cells import cell_run
 
     spec = scratch_sit5(scratch={"recipes": {"self": "sit/table5/scratch_self.yaml",
                                              "cait": "sit/table5/scratch_cait.yaml"}},

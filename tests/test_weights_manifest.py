@@ -121,8 +121,8 @@ def test_a_column_release_fills_only_its_own_cell(tmp_path, monkeypatch, scratch
     """sit-5's teacher row: one teacher per column. A release named for the `cait` column is
     evaluated into runs/sit-5/teacher--cait with its own model, and fills that cell alone."""
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
-    import reproduce.engine.cli as engine_cli
-    monkeypatch.setattr(engine_cli, "RUNS", tmp_path / "runs")
+    import reproduce.engine.cells as engine_cells
+    monkeypatch.setattr(engine_cells, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(weights, "EVAL_WORKERS", 0)
     transform = {"resize": 36, "crop": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
     scratch_manifest(releases={"stand_in": {"project": "test", "model": "pvig_ti_224", "file": "stand_in.pth",

@@ -17,35 +17,8 @@ import click
 
 from reproduce.engine import EngineError
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "recipes"
-RUNS = ROOT / "runs"
-
-
-def cell_run(table: str, row: str, column: str | None, recipe_option: str | None = None) -> tuple[Path, str, str | None]:
-    """(recipe, run folder name, column) of the accuracy cell(s) TABLE ROW [--column COLUMN] trains."""
-    from reproduce.registry import RegistryError, load_table
-
-    try:
-        spec = load_table(table)
-    except RegistryError as err:
-        if recipe_option:  # an explicit --recipe outside the registry: TABLE ROW only name the run folder
-            return Path(recipe_option), row, column
-        raise EngineError(str(err)) from None
-    if row not in spec.rows:
-        raise EngineError(f"table {table} has no row {row!r} (rows: {', '.join(spec.rows)})")
-    spec_row = spec.rows[row]
-    own_runs = [c for c in spec.columns if c in spec_row.recipes]  # in the table's column order
-    if column is None and own_runs and not spec_row.recipe:
-        raise EngineError(f"row {row} of {table} trains one run per column: add --column ({', '.join(own_runs)})")
-    if column is not None and column not in own_runs:
-        own = f"its columns: {', '.join(own_runs)}" if own_runs else "drop --column"
-        own += "; without --column it trains the row's own recipe" if own_runs and spec_row.recipe else ""
-        raise EngineError(f"row {row} of {table} has no recipe of its own for column {column!r} ({own})")
-    recipe = recipe_option or (spec.recipe_of(row, column) if column else spec_row.recipe)
-    if not recipe:
-        raise EngineError(f"row {row} of {table} has no `recipe:` in recipes/tables/{table}.yaml")
-    return (Path(recipe) if recipe_option else RECIPES / recipe), spec.run_name(row, column) if column else row, column
+from reproduce.engine import cells
+from reproduce.engine.cells import ROOT, cell_of_output, cell_run, evaluate_into_cell
 
 
 def _command_line(table, row, column, scale, data, nproc, recipe_option) -> str:
@@ -115,7 +88,7 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
             sys.exit(_relaunch_under_torchrun(nproc))
         from reproduce.engine.train import train
 
-        output = output or RUNS / table / run_name
+        output = output or cells.RUNS / table / run_name
         world = int(os.environ.get("WORLD_SIZE", nproc))
         info = {"table": table, "row": row, "column": column,
                 "recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
@@ -126,32 +99,6 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
     if int(os.environ.get("RANK", 0)) == 0:
         click.echo(f"{table}/{run_name}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({scale}) "
                    f"-> {output / 'result.json'}")
-
-
-def cell_of_output(output: Path | None) -> dict:
-    """{table, row, column} of a run folder runs/<table>/<row>[--<column>] (else all None)."""
-    if output is None or Path(output).resolve().parent.parent != RUNS.resolve():
-        return {"table": None, "row": None, "column": None}
-    row, _, column = Path(output).name.partition("--")
-    return {"table": Path(output).parent.name, "row": row, "column": column or None}
-
-
-def evaluate_into_cell(model, checkpoint, data, *, transform, img_size, form, output, cell, split="validation",
-                       num_classes=1000, batch_size=128, workers=4, release=None, model_kwargs=None) -> dict:
-    """Evaluate a checkpoint and, if `output` is given, write its result.json with provenance."""
-    from reproduce import provenance
-    from reproduce.engine.evaluate import evaluate_checkpoint
-
-    result = evaluate_checkpoint(model, checkpoint, data, transform=transform, img_size=img_size,
-                                 num_classes=num_classes, split=split, batch_size=batch_size, workers=workers,
-                                 form=form, model_kwargs=model_kwargs)
-    if output:
-        provenance.write_result(
-            Path(output) / "result.json", cell=cell, metrics=result, model=model, form=form, img_size=img_size,
-            weights={"path": str(Path(checkpoint).resolve()), "release": release, "layout": result["layout"]},
-            data={"root": str(data), "split": split, "images": result["images"], "classes": result["classes"]},
-            transform=transform, scale="full", device=result["device"])
-    return result
 
 
 @click.command("eval")
