@@ -395,7 +395,10 @@ def bench(models, img_size, device, form, batch_size, runs, repeats, protocol, d
                     compile=use_compile or proto.compile)
     if proto.batch_size < 1:
         raise SuiteError("--batch-size must be at least 1")
-    grid = Table("model", "form", "img/s (median)", "range", "batch", "params (M)")
+    from rich.table import Column
+
+    # a model name is never wrapped or cut (the numbers' headers wrap instead at 80 columns)
+    grid = Table(Column("model", no_wrap=True), "form", "img/s (median)", "range", "batch", "params (M)")
     for name in models:
         try:
             model = measure.build_model(name, form=form)
