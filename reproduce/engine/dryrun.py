@@ -138,6 +138,8 @@ def needed_files(recipe: dict) -> list[tuple[str, str]]:
     if get(recipe, "frd.enabled"):
         fields += ["frd.teacher"] + (["frd.cnn_teacher"] if get(recipe, "frd.lambda_hard", 0.0) else [])
         fields += ["model.init_teacher"] if get(recipe, "model.init_from") == "teacher" else []
+    if get(recipe, "token_labeling.enabled") and not get(recipe, "token_labeling.label_root"):
+        fields += ["token_labeling.label_teacher"] if get(recipe, "token_labeling.label_teacher.model") else []
     found = [(f"{f}.checkpoint", get(recipe, f"{f}.checkpoint")) for f in fields]
     init = get(recipe, "model.init_from")
     found += [("model.init_from", init)] if init not in (None, "imitation_teacher", "teacher") else []

@@ -121,6 +121,8 @@ SCHEMA = {
         "dense_weight": _NUM,
         "mix_token": bool,
         "generated_size": int,              # map size of generated maps (smoke runs)
+        "label_teacher": _TEACHER,          # label_root null: a trained model makes the maps (learn scale)
+        "label_img_size": int,              # the image size label_teacher sees (default data.img_size)
     },
 }
 CHOICES = {"amp": {"bf16", "fp16", "off"}, "distill.type": {"none", "soft", "hard"},

@@ -136,8 +136,18 @@ class TokenLabelTransform:
                                                                                          IMAGENET_DEFAULT_STD)])
         re_prob = data_cfg.get("re_prob", 0.0)
         self.erase = RandomErasing(re_prob, mode="pixel", device="cpu") if re_prob > 0 else None
+        self.no_aug = data_cfg.get("no_aug", False)
+        if self.no_aug:
+            from timm.data.transforms import str_to_interp_mode
+
+            self.no_aug_interpolation = str_to_interp_mode(data_cfg.get("interpolation", "bicubic"))
 
     def __call__(self, img, label):
+        if self.no_aug:  # learn scale: the whole image, resized (timm's no_aug), and its whole map
+            from torchvision.transforms import functional as TF
+
+            img = self.to_tensor(TF.resize(img, list(self.crop.size), self.no_aug_interpolation))
+            return img, label, torch.tensor([0.0, 0.0, 1.0, 1.0])
         if random.random() < 0.5:
             img, label = img.transpose(Image.FLIP_LEFT_RIGHT), label.flip(-1)
         if self.rand_augment is not None:
@@ -225,6 +235,51 @@ def make_generated_label_maps(images, label_root, num_classes: int, size: int = 
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(generated_label_map(target, num_classes, size, g).half().clone(), out)
     (label_root / ".complete").touch()
+    return label_root
+
+
+@torch.no_grad()
+def dense_scores(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, classes, h, w): the teacher's head applied at every position of its last feature map
+    instead of after the global pooling, as TokenLabeling's generate_label.py runs NFNet-F6 (each
+    position goes through `forward_head` alone, so its pooling is the identity)."""
+    features = teacher.forward_features(images)
+    if features.ndim != 4:
+        raise EngineError(f"label-map teacher {type(teacher).__name__} gives no spatial feature map "
+                          f"(forward_features is {tuple(features.shape)}): use a convolutional teacher")
+    B, C, h, w = features.shape
+    logits = teacher.forward_head(features.permute(0, 2, 3, 1).reshape(B * h * w, C, 1, 1))
+    return logits.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
+
+def make_teacher_label_maps(images, label_root, teacher: nn.Module, img_size: int, source: str = "",
+                            batch_size: int = 64) -> Path:
+    """Maps made by a trained teacher in the published format (`label_map_path`, (2, 5, h, w) half):
+    each training image whole, resized to `img_size`, through `dense_scores`; the top-5 scores and
+    their classes at each position. `source` (the teacher's checkpoint) is recorded, and a folder made
+    from another source is made again."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    label_root = Path(label_root)
+    done = label_root / ".complete"
+    if done.exists() and done.read_text() == source:
+        return label_root
+    done.unlink(missing_ok=True)
+    to_input = transforms.Compose([transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC),
+                                   transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    samples = images.reader.samples
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = torch.stack([to_input(Image.open(path).convert("RGB")) for path, _ in chunk]).to(device)
+        top = dense_scores(teacher, batch).float().topk(5, dim=1)
+        for (path, _), scores, classes in zip(chunk, top.values, top.indices):
+            out = label_map_path(label_root, path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(torch.stack([scores, classes.float()]).half().cpu().clone(), out)
+    done.write_text(source)
     return label_root
 
 
@@ -354,16 +409,28 @@ class TokenLabeling:
 
 
 def build_dataset(recipe: dict, images, output: Path, ctx):
-    """The training set with its label maps: the recipe's label_root, or (smoke runs, label_root
-    null) maps generated under the run folder."""
+    """The training set with its label maps: the recipe's label_root; or, label_root null, maps made
+    under the run folder by `token_labeling.label_teacher` (a trained model: the learning check's), or
+    generated (smoke runs)."""
     from reproduce.engine import distributed
+    from reproduce.engine.distill import build_teacher
 
     cfg = recipe["token_labeling"]
     label_root = cfg.get("label_root")
-    if not label_root:
+    if not label_root and (cfg.get("label_teacher") or {}).get("model"):
+        teacher = build_teacher(recipe, "token_labeling.label_teacher", recipe["model"]["num_classes"],
+                                "label-map teacher", random_ok=False).to(ctx.device)
+        label_root = output / "teacher-labels"
+        if ctx.is_main:
+            make_teacher_label_maps(images, label_root, teacher, cfg.get("label_img_size", recipe["data"]["img_size"]),
+                                    source=str(Path(cfg["label_teacher"]["checkpoint"]).resolve()))
+        distributed.barrier(ctx)
+        del teacher
+    elif not label_root:
         if recipe["scale"] != "smoke":
             raise EngineError(f"{recipe['path']}: field `token_labeling.label_root` is missing: point it at the "
-                              "token-label maps (the NFNet-F6 maps the TokenLabeling project publishes)")
+                              "token-label maps (the NFNet-F6 maps the TokenLabeling project publishes), or "
+                              "name a trained `token_labeling.label_teacher` to make them")
         label_root = output / "generated-labels"
         if ctx.is_main:
             make_generated_label_maps(images, label_root, recipe["model"]["num_classes"],
