@@ -282,6 +282,7 @@ def train_one_epoch(run, progress) -> dict:
             sums[key] = sums.get(key, 0.0) + value
         progress.update(task, advance=1, description=f"epoch {run.epoch + 1}/{run.total_epochs} "
                                                      f"loss {terms['loss']:.4f}")
+    progress.remove_task(task)  # one bar, the running epoch's; finished epochs are their printed lines
     run.scheduler.step(run.epoch + 1)
     keys = sorted(sums)
     totals = distributed.sum_across(run.ctx, *[sums[k] for k in keys], run.steps_per_epoch)
@@ -383,7 +384,10 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
             seed_everything(recipe.get("seed", 0) + ctx.rank)  # augmentations differ across processes
         metrics = {"top1": float("nan"), "top5": float("nan")}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not ctx.is_main, transient=True) as progress:
+        from rich.console import Console
+
+        # the bar only on a terminal (piped, a log gets the per-epoch lines alone, no blank line at the end)
+        with Progress(*columns, disable=not ctx.is_main or not Console().is_terminal, transient=True) as progress:
             while run.epoch < run.total_epochs:
                 start = time.time()
                 losses = train_one_epoch(run, progress)
