@@ -241,8 +241,9 @@ def make_generated_label_maps(images, label_root, num_classes: int, size: int = 
 @torch.no_grad()
 def dense_scores(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, classes, h, w): the teacher's head applied at every position of its last feature map
-    instead of after the global pooling, as TokenLabeling's generate_label.py runs NFNet-F6 (each
-    position goes through `forward_head` alone, so its pooling is the identity)."""
+    instead of after the global pooling, as TokenLabeling's generate_label.py runs NFNet-F6 (its
+    TokenLabelHead: the classifier as a 1x1 conv on forward_features; raw scores, whose top 5 it saves
+    as half). Each position goes through `forward_head` alone, so its pooling is the identity."""
     features = teacher.forward_features(images)
     if features.ndim != 4:
         raise EngineError(f"label-map teacher {type(teacher).__name__} gives no spatial feature map "
@@ -408,6 +409,12 @@ class TokenLabeling:
         return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def _file_identity(path) -> str:
+    """A teacher file as path, size and mtime: maps made from an earlier file of the same name are stale."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()} {stat.st_size} {stat.st_mtime_ns}"
+
+
 def build_dataset(recipe: dict, images, output: Path, ctx):
     """The training set with its label maps: the recipe's label_root; or, label_root null, maps made
     under the run folder by `token_labeling.label_teacher` (a trained model: the learning check's), or
@@ -423,7 +430,7 @@ def build_dataset(recipe: dict, images, output: Path, ctx):
         label_root = output / "teacher-labels"
         if ctx.is_main:
             make_teacher_label_maps(images, label_root, teacher, cfg.get("label_img_size", recipe["data"]["img_size"]),
-                                    source=str(Path(cfg["label_teacher"]["checkpoint"]).resolve()))
+                                    source=_file_identity(cfg["label_teacher"]["checkpoint"]))
         distributed.barrier(ctx)
         del teacher
     elif not label_root:
