@@ -170,3 +170,27 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     monkeypatch.undo()
     assert torch.load(target)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_train_shows_one_bar_and_prints_each_epoch(tmp_path, generated, monkeypatch, capfd, terminal):
+    """On a terminal: one progress bar, the running epoch's (a finished epoch's bar is gone, its line
+    printed). Piped: no bar at all, the same per-epoch lines."""
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: terminal))
+    shown, original = [], engine.train_one_epoch
+
+    def recording(run, progress):
+        losses = original(run, progress)
+        shown.append((progress.disable, len(progress.tasks)))
+        return losses
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    result = engine.train(load_recipe(BASE, scale="smoke"), data=generated, output=tmp_path)
+    assert shown == [(not terminal, 0)] * result["epochs"]
+    import re
+
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capfd.readouterr().out)  # the bar's colours and cursor moves
+    printed = re.findall(r"epoch (\d+)/(\d+)  loss [0-9.]+  top1 [0-9.]+", out)
+    assert printed == [(str(e + 1), str(result["epochs"])) for e in range(result["epochs"])]
