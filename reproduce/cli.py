@@ -275,7 +275,8 @@ def weights_command(table_ids, weights_dir, download):
             f"({'--download creates it' if download else 'create it, or pass --weights DIR'})", "")))
     missing, held = [], 0
     for table_id in ids:
-        click.echo(f"{table_id}: released weights (recipes/weights.yaml), folder {weights_dir}")
+        click.echo("\n".join(weights.wrap(f"{table_id}: released weights (recipes/weights.yaml), folder {weights_dir}",
+                                           "")))
         for row in weights.accuracy_rows(_spec(table_id)):
             entries = weights.column_releases(table_id, row) or {None: weights.release_of(table_id, row)}
             why = weights.why_none(table_id, row)
@@ -300,14 +301,15 @@ def weights_command(table_ids, weights_dir, download):
     to_fetch = list({(r.name, str(folder)): (r, folder) for r, folder in missing}.values())
     by_browser = [(r, folder) for r, folder in to_fetch if weights.needs_browser(r)]
     if missing or held:
-        click.echo(f"{held} file(s) in {weights_dir}, {len(to_fetch)} missing"
-                   + ("" if download else f" (--download fetches the {len(to_fetch) - len(by_browser)} direct links "
-                                          "where there is a network)"))
+        click.echo("\n".join(weights.wrap(
+            f"{held} file(s) in {weights_dir}, {len(to_fetch)} missing" + ("" if download else
+            f" (--download fetches the {len(to_fetch) - len(by_browser)} direct links where there is a network)"), "")))
     if by_browser:
-        click.echo(f"{len(by_browser)} file(s) need a browser (Google Drive share pages; --download cannot fetch "
-                   "them): open each link, save the file under the name shown:")
+        click.echo("\n".join(weights.wrap(
+            f"{len(by_browser)} file(s) need a browser (Google Drive share pages; --download cannot fetch them): "
+            "open each link, save the file under the name shown:", "")))
         for release, folder in by_browser:
-            click.echo(f"  {folder / release.local_name}  <-  {release.url}")
+            click.echo(f"  {folder / release.local_name}\n      {release.url}")
     if download:
         failed = 0
         for release, folder in to_fetch:

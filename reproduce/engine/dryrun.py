@@ -15,6 +15,7 @@ and trains models, and the state of the checkpoint files it names, so `reproduce
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import json
@@ -169,16 +170,22 @@ def how_to_get(path: str, table: str | None = None) -> str:
 
 def _table_loading(path: str) -> str | None:
     """The first table (registry order) one of whose recipes loads `path`."""
+    return _first_table_loading().get(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _first_table_loading() -> dict[str, str]:
     from reproduce.engine.recipe import load_recipe
     from reproduce.registry import RECIPES, load_table, table_ids
 
+    first: dict[str, str] = {}
     for table in table_ids():
         spec = load_table(table)
         recipes = {r for row in spec.rows.values() for r in [row.recipe, *row.recipes.values()] if r}
         for recipe in sorted(r for r in recipes if (RECIPES / r).is_file()):
-            if any(p == path for _, p in needed_files(load_recipe(RECIPES / recipe))):
-                return table
-    return None
+            for _, loaded in needed_files(load_recipe(RECIPES / recipe)):
+                first.setdefault(loaded, table)
+    return first
 
 
 def _training_command(path: str) -> str | None:
@@ -196,7 +203,7 @@ def _training_command(path: str) -> str | None:
     if row not in spec.rows or (column and column not in spec.rows[row].recipes):
         return None
     option = f" --column {column}" if column else ""
-    return f"reproduce train {spec.id} {row}{option} --data /path/to/imagenet --scale full --nproc 8"
+    return f"reproduce train {spec.id} {row}{option} --data /path/to/imagenet"
 
 
 def missing_files(recipe: dict, data: str | None = None, need_data: bool = False, table: str | None = None) -> list[str]:
