@@ -224,9 +224,11 @@ def _evaluate_released(table_id, weights_dir, data):
     console.print(f"{spec.id}: evaluated {len(done)} row(s) from released weights in {weights_dir}", highlight=False)
 
 
-def _echo_needed_files(spec) -> None:
+def _echo_needed_files(spec) -> list:
     """The teacher and initial-weight files the table's recipes load in a real run (not the released
-    files above: these sit where each recipe names them), with where each comes from."""
+    files above: these sit where each recipe names them), with where each comes from. Returns the
+    missing ones the manifest has a release of, as (release, folder the recipes read it from)."""
+    from reproduce import weights
     from reproduce.engine.dryrun import how_to_get, needed_files
     from reproduce.engine.recipe import load_recipe
     from reproduce.registry import RECIPES
@@ -237,30 +239,44 @@ def _echo_needed_files(spec) -> None:
         for _, path in needed_files(load_recipe(RECIPES / recipe)):
             needed.setdefault(path, []).append(recipe)
     if not needed:
-        return
+        return []
     click.echo(f"{spec.id}: teacher/init files its recipes load in a real run")
+    fetch = []
     for path, users in sorted(needed.items()):
-        state = "✓" if Path(path).is_file() else f"missing: {how_to_get(path, spec.id)}"
-        click.echo(f"  {path} ({len(users)} recipe{'s' if len(users) > 1 else ''}): {state}")
+        used = f"{path} ({len(users)} recipe{'s' if len(users) > 1 else ''})"
+        release = next((r for r in weights.releases().values() if r.local_name == Path(path).name), None)
+        if Path(path).is_file():
+            click.echo("\n".join(weights.wrap(f"{used}: ✓", "  ")))
+        elif release is not None:
+            fetch.append((release, Path(path).parent))
+            click.echo("\n".join(weights.release_block(f"{used}, {release.project}", release, "missing",
+                                                        get=how_to_get(path, spec.id))))
+        else:
+            click.echo("\n".join(weights.wrap(f"{used}: missing: {how_to_get(path, spec.id)}", "  ")))
     click.echo("")
+    return fetch
 
 
 @main.command("weights")
 @click.argument("table_ids", nargs=-1)
 @click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=Path("weights"), show_default=True,
               help="the folder that holds (or will hold) the released files")
-@click.option("--download", is_flag=True, help="fetch the missing files (needs a network)")
+@click.option("--download", is_flag=True, help="fetch the missing files (needs a network); teacher/init files "
+                                               "into the folder their recipes read them from")
 def weights_command(table_ids, weights_dir, download):
-    """What released weights each table needs (recipes/weights.yaml) and what the folder holds."""
+    """What released weights each table needs (recipes/weights.yaml) and what the folder holds: per file its
+    URL, size, published top-1 and eval transform, then the teacher/init files the table's recipes load."""
     from reproduce import weights
 
     ids = [_table_id(t) for t in table_ids] or weights.tables()
     if not weights_dir.is_dir():
-        click.echo(f"weights folder {weights_dir} does not exist: every file below is missing "
-                   f"({'--download creates it' if download else 'create it, or pass --weights DIR'})")
-    missing, held, tables = [], 0, []
+        click.echo("\n".join(weights.wrap(
+            f"weights folder {weights_dir} does not exist: every file below is missing "
+            f"({'--download creates it' if download else 'create it, or pass --weights DIR'})", "")))
+    missing, held = [], 0
     for table_id in ids:
-        lines = []  # (row, what fills it, where to get it and how it is evaluated, state)
+        click.echo("\n".join(weights.wrap(f"{table_id}: released weights (recipes/weights.yaml), folder {weights_dir}",
+                                           "")))
         for row in weights.accuracy_rows(_spec(table_id)):
             entries = weights.column_releases(table_id, row) or {None: weights.release_of(table_id, row)}
             why = weights.why_none(table_id, row)
@@ -271,50 +287,39 @@ def weights_command(table_ids, weights_dir, download):
                     state = "✓" if weights.find(release, weights_dir) else "missing"
                 except weights.WeightsError as err:
                     state = str(err)
-                missing += [release] if state == "missing" else []
+                missing += [(release, weights_dir)] if state == "missing" else []
                 held += state == "✓"
-                lines.append((f"{row}/{column}" if column else row, f"{release.local_name} ({release.project})",
-                              weights.release_details(release), state))
+                head = f"{row}/{column}" if column else row
+                click.echo("\n".join(weights.release_block(f"{head}: {release.local_name} ({release.project})",
+                                                            release, state)))
             if why or not any(entries.values()):
-                lines.append((row, f"none: {why}" if why else "not in recipes/weights.yaml", "", ""))
-        tables.append((table_id, lines))
-    headers = ("row", "released file (project), or why none", "url · published top-1 · eval transform", "in folder")
-    for table_id, lines in tables:
-        title = f"{table_id}: released weights (recipes/weights.yaml)"
-        if out.is_terminal:
-            grid = Table(*headers, title=title, title_justify="left")
-            for row, what, details, state in lines:
-                color = "" if state in ("✓", "missing", "") else "red"
-                grid.add_row(row, f"[yellow]{what}[/]" if what.startswith("not in") else what, details,
-                             f"[{color}]{state}[/]" if color else state)
-            out.print(grid)
-        else:  # piped: Markdown, one line per row
-            from tabulate import tabulate
-
-            click.echo(f"{title}\n\n{tabulate(lines, headers=headers, tablefmt='github')}\n")
+                click.echo("\n".join(weights.wrap(f"{row}: " + (f"none: {why}" if why else "not in recipes/weights.yaml"),
+                                                   "  ")))
+        click.echo("")
     for table_id in ids:
-        _echo_needed_files(_spec(table_id))
-    to_fetch = list({r.name: r for r in missing}.values())
-    by_browser = [r for r in to_fetch if weights.needs_browser(r)]
+        missing += _echo_needed_files(_spec(table_id))
+    to_fetch = list({(r.name, str(folder)): (r, folder) for r, folder in missing}.values())
+    by_browser = [(r, folder) for r, folder in to_fetch if weights.needs_browser(r)]
     if missing or held:
-        click.echo(f"{held} file(s) in {weights_dir}, {len(to_fetch)} missing"
-                   + ("" if download else f" (--download fetches the {len(to_fetch) - len(by_browser)} direct links "
-                                          "where there is a network)"))
+        click.echo("\n".join(weights.wrap(
+            f"{held} file(s) in {weights_dir}, {len(to_fetch)} missing" + ("" if download else
+            f" (--download fetches the {len(to_fetch) - len(by_browser)} direct links where there is a network)"), "")))
     if by_browser:
-        click.echo(f"{len(by_browser)} file(s) need a browser (Google Drive share pages; --download cannot fetch "
-                   f"them): open each link, save it in {weights_dir} under the name shown:")
-        for release in by_browser:
-            click.echo(f"  {release.local_name}  <-  {release.url}")
+        click.echo("\n".join(weights.wrap(
+            f"{len(by_browser)} file(s) need a browser (Google Drive share pages; --download cannot fetch them): "
+            "open each link, save the file under the name shown:", "")))
+        for release, folder in by_browser:
+            click.echo(f"  {folder / release.local_name}\n      {release.url}")
     if download:
-        weights_dir.mkdir(parents=True, exist_ok=True)
         failed = 0
-        for release in to_fetch:
+        for release, folder in to_fetch:
             if weights.needs_browser(release):
                 continue
             try:  # every file is tried; each failure is one line
-                weights.download(release, weights_dir)
-                console.print(f"downloaded {release.local_name}", highlight=False)
-            except weights.WeightsError as err:
+                folder.mkdir(parents=True, exist_ok=True)
+                weights.download(release, folder)
+                console.print(f"downloaded {folder / release.local_name}", highlight=False)
+            except (weights.WeightsError, OSError) as err:
                 failed += 1
                 click.echo(f"failed: {err}")
         if failed:

@@ -416,9 +416,7 @@ class TableRun:
         except ValueError:
             self.refused[(row.id, column.id)] = f"{path} is not valid JSON"
             return None
-        model = self.target(row, column).model
-        if column.id in weights.column_releases(self.spec.id, row.id):
-            model = weights.release_of(self.spec.id, row.id, column.id).model  # that column's own model
+        model = weights.column_model(self.spec.id, row.id, column.id) or self.target(row, column).model
         value, reason = provenance.accept(self.spec, row, column, result, model, column.form or row.form)
         if reason:
             self.refused[(row.id, column.id)] = f"{_show(path)} refused: {reason}"
@@ -443,7 +441,8 @@ class TableRun:
         recipe = self.spec.recipe_of(row.id, column.id)
         if recipe and (RECIPES / recipe).exists():
             return f"{prefix}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
-        model = self.target(row, column).model or (release.model if release else None)
+        model = (weights.column_model(self.spec.id, row.id, column.id) or self.target(row, column).model
+                 or (release.model if release else None))  # the model provenance will accept for the cell
         if model is None:  # a row of several models (one per column): its cell note names each
             return f"{prefix}needs ImageNet-1k and the trained weights of this column's model"
         return f"{prefix}needs ImageNet-1k and trained weights: `{self.eval_command(row, column, model)}`"

@@ -48,6 +48,8 @@ class Release:
     timm_tag: str = ""
     top1: float | None = None  # published ImageNet-1k top-1 of this file (top1_source: where)
     top1_source: str = ""
+    port_of: str = ""  # the row's model this file's `model` has the very tensors of (e.g. tf_efficientnet_b1:
+    #                    TF padding), filling that row's accuracy with its own model (a column entry)
 
     @property
     def local_name(self) -> str:
@@ -102,6 +104,13 @@ def column_releases(table: str, row: str) -> dict[str, Release]:
     """The columns of a row that a release fills on its own ({} for a whole-row entry or none)."""
     entry = _entry(table, row)
     return {c: releases()[n] for c, n in entry.items() if c != "none"} if isinstance(entry, dict) else {}
+
+
+def column_model(table: str, row: str, column: str) -> str | None:
+    """The model a column's own release is evaluated as (a teacher, or a port such as tf_efficientnet_b1
+    filling efficientnet_b1's top-1), or None: the cell's model is then the row's."""
+    release = column_releases(table, row).get(column)
+    return release.model if release else None
 
 
 def release_for_cell(spec, row: str, column: str) -> Release | None:
@@ -210,14 +219,15 @@ def resolve_transform(model: str, img_size: int, checkpoint: str | None = None, 
 def recipe_transform(model: str, data_cfg: dict) -> tuple[dict, str]:
     """A training run's own evaluation: the transform of the model's release at this size (the authors'
     eval, which the cell's reference number was measured with: e.g. mmpretrain's 236 for RIFormer-M36,
-    426/404 at 384), else the recipe's crop_pct / interpolation / mean / std over timm's cfg of the model."""
+    426/404 at 384), else the recipe's crop_pct / interpolation / eval_mean / eval_std over timm's cfg of
+    the model."""
     img_size = data_cfg["img_size"]
     release = release_of_model(model, img_size)
     if release is not None:
         return transform_of(release), f"release {release.name}: {transform_source(release)}"
     return resolve_transform(model, img_size, crop_pct=data_cfg.get("crop_pct"),
-                             interpolation=data_cfg.get("interpolation"), mean=data_cfg.get("mean"),
-                             std=data_cfg.get("std"))
+                             interpolation=data_cfg.get("interpolation"), mean=data_cfg.get("eval_mean"),
+                             std=data_cfg.get("eval_std"))
 
 
 def same_transform(a: dict | None, b: dict | None) -> bool:
@@ -261,16 +271,69 @@ def needs_browser(release: Release) -> bool:
     return any(host in release.url for host in BROWSER_ONLY)
 
 
-def release_details(release: Release) -> str:
-    """Where to get it, its published top-1 and its eval transform: enough for a manual download.
-    File sizes are not in the manifest (no source publishes them for every file): not shown."""
-    where = release.url or f"https://huggingface.co/timm/{release.timm_tag}"
-    top1 = f"top-1 {release.top1:g}" if release.top1 is not None else "top-1 not recorded"
+def where_from(release: Release) -> str:
+    return release.url or f"https://huggingface.co/timm/{release.timm_tag}"
+
+
+@lru_cache(maxsize=None)
+def tensor_elements(model: str, img_size: int = 224) -> int:
+    """The elements of `model`'s state dict (parameters and buffers), built on the meta device."""
+    import riformer  # noqa: F401  (torchvision shim before timm)
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        try:  # a model whose tensors depend on the image size (position embeddings, RandFormer) takes it
+            built = timm.create_model(model, img_size=img_size) if img_size != 224 else timm.create_model(model)
+        except TypeError:
+            built = timm.create_model(model)
+    return sum(v.numel() for v in built.state_dict().values())
+
+
+def size_estimate(release: Release) -> str:
+    """No source publishes every file's size, so none is written in the manifest: this is computed, and
+    says so (float32 weights alone; a training checkpoint with optimizer state or EMA is larger)."""
     try:
-        transform = describe_transform(transform_of(release))
+        elements = tensor_elements(release.model, release.img_size)
+    except Exception as err:  # noqa: BLE001  a model that does not build names why, on the line
+        return f"unknown ({release.model} does not build: {str(err).splitlines()[0][:60]})"
+    return f"about {elements * 4 / 1e6:,.0f} MB (estimated: {elements / 1e6:.2f} M float32 elements x 4 bytes)"
+
+
+def release_details(release: Release) -> list[tuple[str, str]]:
+    """Where to get it, its size, published top-1 and eval transform: enough for a manual download."""
+    top1 = f"{release.top1:g} ({release.top1_source})" if release.top1 is not None else "not recorded"
+    try:
+        transform = f"{describe_transform(transform_of(release))} ({transform_source(release)})"
     except WeightsError as err:
         transform = str(err)
-    return f"{where} · {top1} · {transform}"
+    details = [("url", where_from(release) + ("  (a share page: open it in a browser)" if needs_browser(release)
+                                              else "")),
+               ("size", size_estimate(release)), ("top-1", top1), ("transform", transform)]
+    if release.port_of:
+        details.append(("model", f"{release.model}: the tensors of the row's {release.port_of}, with its own "
+                                 f"layers (evaluated as {release.model})"))
+    return details
+
+
+def wrap(text: str, indent: str, width: int = 80) -> list[str]:
+    """Lines of at most `width` columns; a word longer than that (a URL) and a `command` in backticks stay
+    whole, so each can be copied from one line."""
+    import re
+    import textwrap
+
+    kept = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\xa0"), text)  # textwrap splits on ASCII space only
+    lines = textwrap.wrap(kept, width=width, initial_indent=indent, subsequent_indent=indent + "    ",
+                          break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\xa0", " ") for line in lines] or [indent]
+
+
+def release_block(head: str, release: Release, state: str, get: str | None = None, indent: str = "  ") -> list[str]:
+    """A file's lines in `reproduce weights`: `head: state`, then how to get it and its details, one each."""
+    lines = wrap(f"{head}: {state}", indent)
+    for name, value in ([("get", get)] if get else []) + release_details(release):
+        lines += wrap(f"{name}: {value}", indent + "    ")
+    return lines
 
 
 def download(release: Release, weights_dir) -> Path:

@@ -15,6 +15,7 @@ and trains models, and the state of the checkpoint files it names, so `reproduce
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import json
@@ -147,8 +148,9 @@ def needed_files(recipe: dict) -> list[tuple[str, str]]:
 
 
 def how_to_get(path: str, table: str | None = None) -> str:
-    """Where a checkpoint file comes from: the weights manifest's release of that file name, if any
-    (fetched through `table` when that table lists it)."""
+    """Where a checkpoint file comes from: the weights manifest's release of that file name (fetched by
+    `reproduce weights` of `table`, or of a table whose recipes load it; a share page needs a browser),
+    or the recipe that trains it (a run folder runs/<table>/<row>[--<column>]/model.pt)."""
     from reproduce import weights
 
     try:
@@ -156,11 +158,54 @@ def how_to_get(path: str, table: str | None = None) -> str:
     except (weights.WeightsError, OSError, ValueError):
         named = []
     for release in named:
-        tables = sorted({t for t, _ in weights.cells_of(release.name)}, key=lambda t: t != table)
-        if tables:
-            return f"`reproduce weights {tables[0]} --weights {Path(path).parent} --download`"
-        return f"{release.project}'s release ({release.url or release.timm_tag})"
+        if weights.needs_browser(release):
+            return f"a share page ({release.project}): open {release.url} in a browser and save the file as {path}"
+        table = table or _table_loading(path) or next((t for t, _ in weights.cells_of(release.name)), None)
+        if table:
+            return f"`reproduce weights {table} --download` (saves it as {path})"
+        return f"{release.project}'s release ({weights.where_from(release)}), saved as {path}"
+    trains = _training_command(path)
+    if trains:
+        return f"the recipe that trains it: `{trains}`"
     return "not in recipes/weights.yaml: train or fetch it and put it there"
+
+
+def _table_loading(path: str) -> str | None:
+    """The first table (registry order) one of whose recipes loads `path`."""
+    return _first_table_loading().get(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _first_table_loading() -> dict[str, str]:
+    from reproduce.engine.recipe import load_recipe
+    from reproduce.registry import RECIPES, load_table, table_ids
+
+    first: dict[str, str] = {}
+    for table in table_ids():
+        spec = load_table(table)
+        recipes = {r for row in spec.rows.values() for r in [row.recipe, *row.recipes.values()] if r}
+        for recipe in sorted(r for r in recipes if (RECIPES / r).is_file()):
+            for _, loaded in needed_files(load_recipe(RECIPES / recipe)):
+                first.setdefault(loaded, table)
+    return first
+
+
+def _training_command(path: str) -> str | None:
+    """`reproduce train TABLE ROW [--column C] ...` whose run writes `path` (runs/<table>/<run>/model.pt)."""
+    from reproduce.registry import RegistryError, load_table
+
+    parts = Path(path).parts
+    if len(parts) != 4 or parts[0] != "runs" or parts[3] != "model.pt":
+        return None
+    try:
+        spec = load_table(parts[1])
+    except RegistryError:
+        return None
+    row, _, column = parts[2].partition("--")
+    if row not in spec.rows or (column and column not in spec.rows[row].recipes):
+        return None
+    option = f" --column {column}" if column else ""
+    return f"reproduce train {spec.id} {row}{option} --data /path/to/imagenet"
 
 
 def missing_files(recipe: dict, data: str | None = None, need_data: bool = False, table: str | None = None) -> list[str]:

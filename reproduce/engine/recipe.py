@@ -54,6 +54,8 @@ SCHEMA = {
         "img_size": int,
         "crop_pct": _NUM,
         "interpolation": str,
+        "eval_mean": list,                  # the evaluation's normalisation, where the authors' eval differs from
+        "eval_std": list,                   # their training's (RePaViT: 0.5 for MlpMixer, weights.recipe_transform)
         "train_interpolation": str,         # default: interpolation (token labeling: random)
         "auto_augment": (str, type(None)),
         "color_jitter": _NUM,
