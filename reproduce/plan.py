@@ -753,6 +753,9 @@ class Planner:
             echo(f"plan: {run.key}: {rate['img_per_s']:.1f} img/s (batch {rate['batch_size']})")
 
 
+MEMORY_LINES = 5   # runs named on screen; every run is in plan.csv
+
+
 def _span(low, high) -> str:
     """'406-770' (one number when both agree): the plan's range as printed."""
     return str(low) if low == high else f"{low}-{high}"
@@ -875,6 +878,8 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
                          "(recipes/plan_anchors.yaml); a rate measured on a GPU replaces both. Each run counted "
                          "once; costed when its MACs could be counted. ckpt: runs that need gradient "
                          f"checkpointing on some of {'/'.join(map(str, GPU_MEMORY_GB))} GB. Per cell: {csv_path}")
+    grid.columns[0].no_wrap = True   # a table id is never cut (repaformer-1 ...)
+    grid.columns[0].min_width = max([5, *(len(t) for t in per_table["table"])]) if len(per_table) else 5
     for line in per_table.itertuples():
         costed = line.runs_counted > 0
         grid.add_row(line.table, str(line.pending_cells), str(line.cells_without_path),
@@ -888,12 +893,16 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
         out.print(f"{line.paper}: {line.pending_cells} pending cells, {line.runs} distinct runs, "
                   f"~{_span(line.gpu_hours_low, line.gpu_hours_high)} GPU-h on {gpu} "
                   f"(~{_span(line.wall_days_low, line.wall_days_high)} days on {gpus})", highlight=False)
-    for run in planner.runs.values():
-        note = Planner._memory_note(run)
-        if note and run.memory:
-            out.print(f"memory: {run.key}: {run.memory['gib']:.0f} GiB per GPU without, "
-                      f"{run.memory['gib_checkpointed']:.0f} with checkpointing at batch "
-                      f"{run.memory['batch_per_gpu']}: {note}", highlight=False)
+    needing = sorted((run for run in planner.runs.values() if run.memory and Planner._memory_note(run)),
+                     key=lambda run: -run.memory["gib"])
+    if needing:
+        out.print(f"memory: {len(needing)} runs need gradient checkpointing on some of "
+                  f"{'/'.join(map(str, GPU_MEMORY_GB))} GB at batch / {gpus} per GPU (plan.csv: memory_fits); "
+                  "the largest:", highlight=False)
+    for run in needing[:MEMORY_LINES]:
+        out.print(f"memory: {run.key}: {run.memory['gib']:.0f} GiB per GPU without, "
+                  f"{run.memory['gib_checkpointed']:.0f} with checkpointing at batch "
+                  f"{run.memory['batch_per_gpu']}: {Planner._memory_note(run)}", highlight=False)
     for line in planner.calibration():
         out.print(f"calibration: {line}", highlight=False)
     Console(stderr=True).print(f"plan: wrote {csv_path} and {md_path.name}", highlight=False)
