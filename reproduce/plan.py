@@ -222,6 +222,245 @@ def measure_train_rate(recipe: dict, device: str, steps: int = 3, warmup: int = 
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration to published training times (recipes/plan_anchors.yaml)
+
+ANCHORS_FILE = RECIPES / "plan_anchors.yaml"
+ANCHOR_USES = ("calibrate", "reference", "bound")
+
+
+@dataclass
+class Anchor:
+    """A published training run: what it trained, on which GPUs, in how many hours, and where it says so."""
+    id: str
+    model: str
+    architecture: str
+    epochs: int
+    images_per_epoch: int
+    batch_size: int
+    img_size: int
+    precision: str
+    gpu: str
+    gpus: int
+    hours: float
+    use: str
+    source: dict
+    step_gmacs: float | None = None   # 3 x forward MACs per image at img_size (set by the planner)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.hours * self.gpus
+
+    @property
+    def images(self) -> int:
+        return self.epochs * self.images_per_epoch
+
+    def flop_gpu_hours(self, utilization: float) -> float | None:
+        """The plan's FLOP estimate of this anchor's own run, on its own GPU kind at its precision."""
+        if self.step_gmacs is None:
+            return None
+        return self.images * self.step_gmacs * 1e9 * FLOP_PER_MAC / (peak_flops(self.gpu, self.precision) * utilization) / 3600
+
+    def achieved_utilization(self) -> float | None:
+        """Fraction of its GPU's peak the published run reached: training FLOPs / (GPU-seconds x peak)."""
+        if self.step_gmacs is None:
+            return None
+        return self.images * self.step_gmacs * 1e9 * FLOP_PER_MAC / (self.gpu_hours * 3600 * peak_flops(self.gpu, self.precision))
+
+    def gpu_hours_per_gflop_image(self) -> float | None:
+        """GPU-hours on its own GPU kind per GFLOP of training step per image."""
+        if self.step_gmacs is None:
+            return None
+        return self.gpu_hours / (self.images * self.step_gmacs * FLOP_PER_MAC)
+
+
+def load_anchors(path: Path | None = None) -> tuple[list[Anchor], list[str]]:
+    """The anchors and the convnet name prefixes; a bad entry is one line naming it and its field."""
+    import yaml
+
+    path = Path(path or ANCHORS_FILE)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PlanError(f"{path}: cannot read the anchors ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    anchors = []
+    for i, entry in enumerate(data.get("anchors") or []):
+        where = f"{path.name}: anchor {entry.get('id', i) if isinstance(entry, dict) else i}"
+        if not isinstance(entry, dict):
+            raise PlanError(f"{where}: not a mapping")
+        missing = [k for k in ("id", "model", "architecture", "epochs", "images_per_epoch", "batch_size", "img_size",
+                               "precision", "gpus", "hours", "use", "source") if k not in entry]
+        if missing:
+            raise PlanError(f"{where}: missing field(s) {', '.join(missing)}")
+        gpus, source = entry["gpus"], entry["source"]
+        if not isinstance(gpus, dict) or gpus.get("kind") not in GPUS or not int(gpus.get("count") or 0) > 0:
+            raise PlanError(f"{where}: field `gpus` must be {{kind: one of {', '.join(GPUS)}, count: N > 0}}")
+        if not isinstance(source, dict) or not source.get("cite") or not source.get("text"):
+            raise PlanError(f"{where}: field `source` must give `cite` and the exact `text`")
+        if entry["use"] not in ANCHOR_USES:
+            raise PlanError(f"{where}: field `use` must be one of {', '.join(ANCHOR_USES)}")
+        if entry["architecture"] not in ("convnet", "transformer"):
+            raise PlanError(f"{where}: field `architecture` must be convnet or transformer")
+        if entry["precision"] not in ("bf16", "fp16", "tf32", "fp32"):
+            raise PlanError(f"{where}: field `precision` must be bf16, fp16, tf32 or fp32")
+        if not float(entry["hours"]) > 0:
+            raise PlanError(f"{where}: field `hours` must be > 0")
+        anchors.append(Anchor(id=str(entry["id"]), model=entry["model"], architecture=entry["architecture"],
+                              epochs=int(entry["epochs"]), images_per_epoch=int(entry["images_per_epoch"]),
+                              batch_size=int(entry["batch_size"]), img_size=int(entry["img_size"]),
+                              precision=entry["precision"], gpu=gpus["kind"], gpus=int(gpus["count"]),
+                              hours=float(entry["hours"]), use=entry["use"], source=source))
+    return anchors, [str(p) for p in data.get("convnet_prefixes") or []]
+
+
+def architecture_of(model: str, convnet_prefixes: list[str]) -> str:
+    return "convnet" if model.startswith(tuple(convnet_prefixes)) else "transformer"
+
+
+def nearest_anchor(step_gmacs: float, architecture: str, anchors: list[Anchor]) -> Anchor | None:
+    """The rule: a `calibrate` anchor of the run's architecture (any architecture if it has none),
+    the nearest in training-step MACs (ratio, either way)."""
+    usable = [a for a in anchors if a.use == "calibrate" and a.step_gmacs]
+    same = [a for a in usable if a.architecture == architecture] or usable
+    return min(same, key=lambda a: abs(math.log(step_gmacs / a.step_gmacs)), default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak training memory per GPU (which GPU sizes a run fits, with and without gradient checkpointing)
+
+GPU_MEMORY_GB = (32, 40, 80)      # V100 32 GB, A100 40 GB, A100/H100 80 GB (GiB of device memory)
+MEMORY_USABLE = 0.9               # of it, for tensors: CUDA context, cuDNN workspaces, allocator fragmentation
+BYTES_PER_TRAINED_PARAM = 16      # fp32 weight + its gradient + the optimizer's two moments (AdamW, Lamb)
+BYTES_PER_FROZEN_PARAM = 4        # a teacher's fp32 weight (forward only, no gradient)
+BYTES_PER_AMP_WEIGHT_COPY = 2     # autocast keeps a 16-bit copy of each weight for the step
+# Activations of a 16-bit autocast step over the same float32 step: measured on CPU under bf16 autocast
+# (saved-tensor bytes per image, batch 2 minus batch 1): DeiT-S 0.561, PoolFormer-S12 0.599, SiT-Ti 0.543,
+# Swin-T 0.539 (docs/training.md); the largest, rounded up.
+AMP_ACTIVATION_RATIO = 0.6
+
+
+def _saved_tensor_bytes(model, batch: int, img_size: int) -> dict:
+    """Bytes autograd keeps for backward over one training forward of `batch` images (meta device: shapes
+    only, no memory, no time). Checkpointed segments (every call of torch.utils.checkpoint.checkpoint,
+    which timm's and our blocks go through) keep only their inputs; during backward one segment at a
+    time is recomputed with all its activations: that largest segment is counted once on top."""
+    import torch
+    import torch.utils.checkpoint as tuc
+
+    outside, segment, kept_inputs, largest = {}, [None], [0], [0]
+
+    def pack(t):   # by storage: views of one tensor (q, k, v of one qkv; a transpose) count once
+        storage = t.untyped_storage()
+        (segment[0] if segment[0] is not None else outside)[storage._cdata] = storage.nbytes()
+        return t
+
+    original = tuc.checkpoint
+
+    def counted_checkpoint(function, *args, **kwargs):
+        for key in ("use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug"):
+            kwargs.pop(key, None)
+        kept_inputs[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        segment[0] = {}
+        try:
+            out = function(*args, **kwargs)
+        finally:
+            largest[0] = max(largest[0], sum(segment[0].values()))
+            segment[0] = None
+        return out
+
+    x = torch.randn(batch, 3, img_size, img_size, device="meta")
+    tuc.checkpoint = counted_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.forward_train(x) if hasattr(model, "forward_train") else model(x)
+    finally:
+        tuc.checkpoint = original
+    return {"saved": sum(outside.values()) + kept_inputs[0] + largest[0]}
+
+
+def measure_activations(model: str, kwargs: dict, img_size: int, cache: MeasurementCache) -> dict | None:
+    """Per image: bytes saved for backward by a float32 training forward of the model at img_size, with and
+    without gradient checkpointing (batch 2 minus batch 1: weights and other fixed tensors drop out), and
+    the parameter count. Cached; None (with the reason in MEMORY_FAILURES) when the model cannot be built."""
+    key = measure.cache_key(kind="activations", model=model, kwargs=json.dumps(kwargs, sort_keys=True),
+                            img_size=img_size, convention="meta-saved-tensors", code=source_fingerprint())
+    value = cache.get(key)
+    if value is not None:
+        return value
+    try:
+        built = measure.build_model(model, kwargs, meta=True).train()
+        per_image = {}
+        for checkpointing in (False, True):
+            if checkpointing and hasattr(built, "set_grad_checkpointing"):
+                built.set_grad_checkpointing(True)
+            one, two = (_saved_tensor_bytes(built, b, img_size)["saved"] for b in (1, 2))
+            per_image[checkpointing] = max(two - one, 0)
+        value = {"params": sum(p.numel() for p in built.parameters()), "per_image_bytes": per_image[False],
+                 "per_image_bytes_checkpointed": per_image[True],
+                 "checkpointing": hasattr(built, "set_grad_checkpointing")}
+    except Exception as e:  # a model that cannot run here: its memory stays blank, the note says why
+        MEMORY_FAILURES[model] = f"memory of {model} not estimated ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return None
+    cache.put(key, value)
+    return value
+
+
+MEMORY_FAILURES: dict[str, str] = {}
+
+
+def count_params_cached(model: str, kwargs: dict, cache: MeasurementCache) -> int | None:
+    key = measure.cache_key(kind="params_meta", model=model, kwargs=json.dumps(kwargs, sort_keys=True),
+                            code=source_fingerprint())
+    value = cache.get(key)
+    if value is None:
+        try:
+            value = sum(p.numel() for p in measure.build_model(model, kwargs, meta=True).parameters())
+        except Exception as e:
+            MEMORY_FAILURES[model] = f"parameters of {model} not counted ({type(e).__name__})"
+            return None
+        cache.put(key, value)
+    return value
+
+
+def training_memory(recipe: dict, per_gpu_batch: int, cache: MeasurementCache) -> dict | None:
+    """Estimated peak bytes per GPU of the recipe's training step at `per_gpu_batch` images, without and
+    with gradient checkpointing: student weights + gradients + optimizer moments, teachers' weights, the
+    autocast weight copies, an EMA copy if any, and the saved activations (measured per image, x batch;
+    x AMP_ACTIVATION_RATIO under 16-bit autocast). Not counted: teachers' forward (no_grad: transient),
+    the loss's own buffers, data-loader pinned memory."""
+    model_cfg = recipe["model"]
+    kwargs = {**(model_cfg.get("kwargs") or {}), "num_classes": model_cfg.get("num_classes", 1000)}
+    act = measure_activations(model_cfg["name"], kwargs, recipe["data"]["img_size"], cache)
+    if act is None:
+        return None
+    num_classes = model_cfg.get("num_classes", 1000)
+    frozen = 0
+    for teacher in teachers_of(recipe):
+        count = count_params_cached(teacher["model"], {**teacher["kwargs"], "num_classes": num_classes}, cache)
+        if count is None:
+            return None
+        frozen += count
+    amp = precision_of(recipe) in ("bf16", "fp16")
+    ema = float((recipe.get("ema") or {}).get("decay") or 0) > 0
+    static = (act["params"] * (BYTES_PER_TRAINED_PARAM + (BYTES_PER_AMP_WEIGHT_COPY if amp else 0) + (4 if ema else 0))
+              + frozen * (BYTES_PER_FROZEN_PARAM + (BYTES_PER_AMP_WEIGHT_COPY if amp else 0)))
+    ratio = AMP_ACTIVATION_RATIO if amp else 1.0
+    without = static + per_gpu_batch * act["per_image_bytes"] * ratio
+    with_ckpt = static + per_gpu_batch * act["per_image_bytes_checkpointed"] * ratio
+    return {"batch_per_gpu": per_gpu_batch, "gib": without / 2**30, "gib_checkpointed": with_ckpt / 2**30,
+            "recipe_checkpointing": bool(model_cfg.get("grad_checkpointing")),
+            "fits": [g for g in GPU_MEMORY_GB if without <= g * 2**30 * MEMORY_USABLE],
+            "fits_checkpointed": [g for g in GPU_MEMORY_GB if with_ckpt <= g * 2**30 * MEMORY_USABLE]}
+
+
+def memory_verdict(memory: dict | None) -> str:
+    """Per GPU size: `ok` (fits as is), `ckpt` (fits only with gradient checkpointing), `no` (neither)."""
+    if not memory:
+        return ""
+    return " ".join(f"{g}:{'ok' if g in memory['fits'] else 'ckpt' if g in memory['fits_checkpointed'] else 'no'}"
+                    for g in GPU_MEMORY_GB)
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -231,6 +470,8 @@ class Settings:
     utilization: float = DEFAULT_UTILIZATION
     gpus: int = DEFAULT_GPUS
     device: str = "cpu"
+    anchors: Path | None = None   # the published training times (default recipes/plan_anchors.yaml)
+    memory: bool = True           # estimate peak training memory per GPU (meta-device forward, cached)
 
     def __post_init__(self):
         if self.gpu not in GPUS:
@@ -254,6 +495,9 @@ class RunCost:
     teachers: str = ""
     rate: dict | None = None  # measured images/s on the current device
     cells: list = field(default_factory=list)
+    architecture: str = ""    # convnet | transformer (the anchors' rule)
+    anchor: Anchor | None = None       # the published run its calibrated estimate follows
+    memory: dict | None = None         # training_memory(): peak GiB per GPU without / with checkpointing
 
     def gpu_hours(self, settings: Settings) -> float | None:
         if self.step_gmacs is None:
@@ -263,6 +507,35 @@ class RunCost:
 
     def device_hours(self) -> float | None:
         return self.images / self.rate["img_per_s"] / 3600 if self.rate else None
+
+    def calibrated_gpu_hours(self, settings: Settings) -> float | None:
+        """The FLOPs over the fraction of peak its anchor reached on the anchor's GPU, on `settings.gpu`
+        at the run's precision: the anchor's GPU-hours per GFLOP-image x its GPU's peak / this GPU's peak."""
+        if self.step_gmacs is None or self.anchor is None or self.path != "recipe":
+            return None
+        return self.gpu_hours(settings) * settings.utilization / self.anchor.achieved_utilization()
+
+    def measured_gpu_hours(self, settings: Settings) -> float | None:
+        """GPU-hours on `settings.gpu` from the rate measured on a known GPU (--measure-rates --device
+        cuda): exact on that GPU kind, converted by the peak ratio at the run's precision to another. A CPU
+        rate says nothing of a GPU: None."""
+        gpu = gpu_of_device(measure.device_name(settings.device)) if settings.device.startswith("cuda") else None
+        if not self.rate or gpu is None:
+            return None
+        return self.device_hours() * peak_flops(gpu, self.precision) / peak_flops(settings.gpu, self.precision)
+
+    def hours_range(self, settings: Settings) -> tuple[float | None, float | None, str]:
+        """(low, high, basis): the measured rate where there is one, else the FLOP estimate and the
+        calibrated one, the lower first."""
+        measured = self.measured_gpu_hours(settings)
+        if measured is not None:
+            return measured, measured, "measured"
+        flop, calibrated = self.gpu_hours(settings), self.calibrated_gpu_hours(settings)
+        if flop is None:
+            return None, None, ""
+        if calibrated is None:
+            return flop, flop, "flop"
+        return min(flop, calibrated), max(flop, calibrated), f"flop+{self.anchor.id}"
 
 
 def pending_accuracy_cells(spec) -> list[tuple[str, str]]:
@@ -283,6 +556,10 @@ class Planner:
         self.settings, self.cache = settings, cache or MeasurementCache()
         self.runs: dict[str, RunCost] = {}
         self.rows: list[dict] = []
+        self.anchors, self.convnet_prefixes = load_anchors(settings.anchors)
+        for anchor in self.anchors:
+            macs = count_macs_cached(anchor.model, {}, anchor.img_size, self.cache)
+            anchor.step_gmacs = None if macs is None else TRAIN_STEP_FORWARDS * macs
 
     def _recipe_run(self, recipe_path: str) -> RunCost:
         if recipe_path in self.runs:
@@ -301,6 +578,11 @@ class Planner:
                        precision=precision_of(recipe), epochs=recipe["epochs"], student=student_cfg["name"],
                        teachers=" + ".join(f"{t['model']} ({t['role']})" for t in teachers))
         cost.rate = self.cache.get(_rate_key(recipe_path, recipe, self.settings.device, None, None))
+        cost.architecture = architecture_of(student_cfg["name"], self.convnet_prefixes)
+        if step is not None:
+            cost.anchor = nearest_anchor(step, cost.architecture, self.anchors)
+        if self.settings.memory:
+            cost.memory = training_memory(recipe, math.ceil(recipe["batch_size"] / self.settings.gpus), self.cache)
         self.runs[recipe_path] = cost
         return cost
 
@@ -340,6 +622,8 @@ class Planner:
             run: RunCost | None = r["run"]
             gpu_h = run.gpu_hours(s) if run else None
             dev_h = run.device_hours() if run else None
+            low, high, basis = run.hours_range(s) if run else (None, None, "")
+            memory = run.memory if run else None
             out.append({
                 "table": r["table"], "row": r["row"], "column": r["column"],
                 "path": run.path if run else "none", "run": run.key if run else "",
@@ -349,13 +633,35 @@ class Planner:
                 "step_gmacs": _fmt(run.step_gmacs if run else None, 3), "precision": run.precision if run else "",
                 "gpu": s.gpu, "peak_tflops": _fmt(peak_flops(s.gpu, run.precision) / 1e12 if run else None, 1),
                 "utilization": s.utilization, "gpu_hours_estimate": _fmt(gpu_h, 1),
+                "gpu_hours_calibrated": _fmt(run.calibrated_gpu_hours(s) if run else None, 1),
+                "anchor": run.anchor.id if run and run.anchor and run.path == "recipe" else "",
+                "gpu_hours_low": _fmt(low, 1), "gpu_hours_high": _fmt(high, 1), "gpu_hours_basis": basis,
                 "wall_hours_estimate": _fmt(gpu_h / s.gpus if gpu_h is not None else None, 1), "gpus": s.gpus,
                 "device": measure.device_tag(s.device),
                 "device_img_per_s": _fmt(run.rate["img_per_s"] if run and run.rate else None, 2),
                 "device_hours_estimate": _fmt(dev_h, 1),
-                "note": r["note"] or ("" if not run or run.step_gmacs is not None else self._macs_note(run)),
+                "batch_per_gpu": memory["batch_per_gpu"] if memory else "",
+                "memory_gib": _fmt(memory["gib"] if memory else None, 1),
+                "memory_gib_checkpointed": _fmt(memory["gib_checkpointed"] if memory else None, 1),
+                "memory_fits": memory_verdict(memory),
+                "grad_checkpointing": ("on" if memory["recipe_checkpointing"] else "off") if memory else "",
+                "note": "; ".join(n for n in (r["note"] or ("" if not run or run.step_gmacs is not None
+                                                             else self._macs_note(run)), self._memory_note(run)) if n),
             })
         return pd.DataFrame(out)
+
+    @staticmethod
+    def _memory_note(run: RunCost | None) -> str:
+        if run is None or run.path != "recipe":
+            return ""
+        if run.memory is None:
+            return MEMORY_FAILURES.get(run.student, "") if run.student in MEMORY_FAILURES else ""
+        m = run.memory
+        needs = [g for g in GPU_MEMORY_GB if g not in m["fits"] and g in m["fits_checkpointed"]]
+        if not needs:
+            return ""
+        state = "on in the recipe" if m["recipe_checkpointing"] else "off in the recipe: set model.grad_checkpointing"
+        return f"needs gradient checkpointing on {'/'.join(map(str, needs))} GB ({state})"
 
     @staticmethod
     def _macs_note(run: RunCost) -> str:
@@ -379,12 +685,36 @@ class Planner:
             hours = [run.gpu_hours(s) for run in runs]
             device = [run.device_hours() for run in runs]
             counted = [h for h in hours if h is not None]
+            ranges = [run.hours_range(s) for run in runs if run.step_gmacs is not None]
+            low, high = sum(r[0] for r in ranges), sum(r[1] for r in ranges)
+            calibrated = sum(run.calibrated_gpu_hours(s) or run.gpu_hours(s) for run in runs if run.step_gmacs is not None)
             lines.append({**g, "runs": len(runs), "runs_counted": len(counted),
                           "gpu_hours_estimate": _fmt(sum(counted), 0),
                           "wall_days_estimate": _fmt(sum(counted) / s.gpus / 24, 1),
+                          "gpu_hours_calibrated": _fmt(calibrated, 0),
+                          "gpu_hours_low": _fmt(low, 0), "gpu_hours_high": _fmt(high, 0),
+                          "wall_days_low": _fmt(low / s.gpus / 24, 1), "wall_days_high": _fmt(high / s.gpus / 24, 1),
+                          "runs_calibrated": sum(run.calibrated_gpu_hours(s) is not None for run in runs),
+                          "runs_measured": sum(r[2] == "measured" for r in ranges),
+                          "runs_need_checkpointing": sum(bool(run.memory) and len(run.memory["fits"]) < len(
+                              run.memory["fits_checkpointed"]) for run in runs),
                           "device_hours_estimate": _fmt(sum(d for d in device if d is not None), 0)
                           if any(d is not None for d in device) else "",
                           "runs_with_device_rate": sum(d is not None for d in device)})
+        return pd.DataFrame(lines)
+
+    def anchor_table(self) -> pd.DataFrame:
+        """Per anchor: its published GPU-hours beside the plan's FLOP estimate of its own recipe (on its own
+        GPU kind and precision, at --utilization), their ratio, and the fraction of peak it reached."""
+        s = self.settings
+        lines = []
+        for a in self.anchors:
+            flop = a.flop_gpu_hours(s.utilization)
+            lines.append({"anchor": a.id, "use": a.use, "model": a.model, "gpus": f"{a.gpus} {a.gpu}",
+                          "hours": a.hours, "published_gpu_hours": _fmt(a.gpu_hours, 1),
+                          "step_gmacs": _fmt(a.step_gmacs, 2), "flop_gpu_hours": _fmt(flop, 1),
+                          "flop_over_published": _fmt(flop / a.gpu_hours if flop else None, 3),
+                          "achieved_utilization": _fmt(a.achieved_utilization(), 3)})
         return pd.DataFrame(lines)
 
     def calibration(self) -> list[str]:
@@ -423,6 +753,14 @@ class Planner:
             echo(f"plan: {run.key}: {rate['img_per_s']:.1f} img/s (batch {rate['batch_size']})")
 
 
+MEMORY_LINES = 5   # runs named on screen; every run is in plan.csv
+
+
+def _span(low, high) -> str:
+    """'406-770' (one number when both agree): the plan's range as printed."""
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def _fmt(value, digits):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -436,16 +774,26 @@ def render_markdown(planner: Planner, tables: list[str]) -> str:
              "", "**Estimates**, not measurements: GPU-hours = images x (3 x student MACs + teachers' MACs) x 2 FLOP "
              f"/ ({GPUS[s.gpu]['label']} peak at the recipe's precision x utilization {s.utilization}); wall-clock "
              f"on {s.gpus} GPU(s). Each run is counted once, however many cells it fills (docs/training.md, "
-             "'What a table costs'). Released weights: 50,000 images x forward MACs.", ""]
+             "'What a table costs'). Released weights: 50,000 images x forward MACs.", "",
+             "**Range** low-high: the FLOP estimate and the one calibrated to a published training time "
+             "(recipes/plan_anchors.yaml: the anchor of the run's architecture nearest in step MACs, its achieved "
+             f"fraction of peak on its GPU applied to the {GPUS[s.gpu]['label']}); a rate measured on a GPU "
+             "(--measure-rates) replaces both. Memory per GPU at the recipe's batch / "
+             f"{s.gpus}: per size ({'/'.join(map(str, GPU_MEMORY_GB))} GB) ok, ckpt (only with gradient "
+             "checkpointing) or no.", ""]
     if planner.calibration():
         lines += ["Measured on this device (calibration of the utilization):", "",
                   *[f"- {c}" for c in planner.calibration()], ""]
     for title, frame in (("Per paper", per_paper), ("Per table", per_table)):
         lines += [f"## {title}", "", frame.to_markdown(index=False) if len(frame) else "(no pending cells)", ""]
+    anchors = planner.anchor_table()
+    if len(anchors):
+        lines += ["## Anchors: the FLOP estimate of each published run against its published time", "",
+                  anchors.to_markdown(index=False), ""]
     detail = planner.frame()
     if len(detail):
         shown = detail[["table", "row", "column", "path", "run", "shared_with", "step_gmacs", "gpu_hours_estimate",
-                        "device_hours_estimate", "note"]]
+                        "gpu_hours_calibrated", "anchor", "device_hours_estimate", "memory_fits", "note"]]
         lines += ["## Per cell", "", shown.to_markdown(index=False), ""]
     return "\n".join(lines)
 
@@ -494,8 +842,12 @@ import click  # noqa: E402
 @click.option("--batch-size", type=click.IntRange(min=1), help="rates at this batch instead of the recipe's (toy runs)")
 @click.option("--img-size", type=click.IntRange(min=16), help="rates at this size instead of the recipe's (toy runs)")
 @click.option("--results-dir", type=click.Path(path_type=Path), help="results root (default: results/)")
+@click.option("--anchors", type=click.Path(path_type=Path, dir_okay=False),
+              help="published training times to calibrate against (default: recipes/plan_anchors.yaml)")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="estimate peak training memory per GPU and which GPU sizes need gradient checkpointing")
 def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_rates, steps, rate_seconds,
-                 batch_size, img_size, results_dir):
+                 batch_size, img_size, results_dir, anchors, memory):
     """What each pending accuracy cell costs to fill: path, estimate, totals per table and paper."""
     from rich.console import Console
     from rich.table import Table
@@ -509,7 +861,8 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
         raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
     ids = all_ids() if all_tables else [_table_id(t) for t in table_ids]
     try:
-        settings = Settings(gpu=gpu, utilization=utilization, gpus=gpus, device=_device(device))
+        settings = Settings(gpu=gpu, utilization=utilization, gpus=gpus, device=_device(device), anchors=anchors,
+                            memory=memory)
         planner = make_plan(ids, settings)
         if measure_rates:
             planner.measure_rates(steps, rate_seconds, batch_size, img_size, echo=lambda m: click.echo(m, err=True))
@@ -518,23 +871,38 @@ def plan_command(table_ids, all_tables, gpu, utilization, gpus, device, measure_
     csv_path, md_path = write_plan(planner, ids, all_tables, results_dir)
     per_table = planner.totals("table")
     rates = bool(len(per_table)) and per_table["runs_with_device_rate"].sum() > 0
-    headers = ["table", "pending", "no path", "runs (costed)", f"GPU-h {gpu}", f"days on {gpus}"]
+    headers = ["table", "pending", "no path", "runs (costed)", f"GPU-h {gpu}", f"days on {gpus}", "ckpt"]
     grid = Table(*headers, *(["device-h (est.)"] if rates else []),
-                 caption=f"estimates: images x (3 x student + teachers) MACs x 2 / ({GPUS[gpu]['label']} peak x "
-                         f"{utilization}); each run counted once; a run is costed when its MACs could be "
-                         f"counted. Per cell: {csv_path}")
+                 caption=f"estimates, low-high: images x (3 x student + teachers) MACs x 2 / ({GPUS[gpu]['label']} "
+                         f"peak x {utilization}), and calibrated to published training times "
+                         "(recipes/plan_anchors.yaml); a rate measured on a GPU replaces both. Each run counted "
+                         "once; costed when its MACs could be counted. ckpt: runs that need gradient "
+                         f"checkpointing on some of {'/'.join(map(str, GPU_MEMORY_GB))} GB. Per cell: {csv_path}")
+    grid.columns[0].no_wrap = True   # a table id is never cut (repaformer-1 ...)
+    grid.columns[0].min_width = max([5, *(len(t) for t in per_table["table"])]) if len(per_table) else 5
     for line in per_table.itertuples():
         costed = line.runs_counted > 0
         grid.add_row(line.table, str(line.pending_cells), str(line.cells_without_path),
-                     f"{line.runs} ({line.runs_counted})", str(line.gpu_hours_estimate) if costed else "–",
-                     str(line.wall_days_estimate) if costed else "–",
+                     f"{line.runs} ({line.runs_counted})", _span(line.gpu_hours_low, line.gpu_hours_high) if costed else "–",
+                     _span(line.wall_days_low, line.wall_days_high) if costed else "–",
+                     str(line.runs_need_checkpointing),
                      *([str(line.device_hours_estimate) or "–"] if rates else []))
     out = Console()
     out.print(grid)
     for line in planner.totals("paper").itertuples():
         out.print(f"{line.paper}: {line.pending_cells} pending cells, {line.runs} distinct runs, "
-                  f"~{line.gpu_hours_estimate} GPU-h on {gpu} (~{line.wall_days_estimate} days on {gpus})",
-                  highlight=False)
+                  f"~{_span(line.gpu_hours_low, line.gpu_hours_high)} GPU-h on {gpu} "
+                  f"(~{_span(line.wall_days_low, line.wall_days_high)} days on {gpus})", highlight=False)
+    needing = sorted((run for run in planner.runs.values() if run.memory and Planner._memory_note(run)),
+                     key=lambda run: -run.memory["gib"])
+    if needing:
+        out.print(f"memory: {len(needing)} runs need gradient checkpointing on some of "
+                  f"{'/'.join(map(str, GPU_MEMORY_GB))} GB at batch / {gpus} per GPU (plan.csv: memory_fits); "
+                  "the largest:", highlight=False)
+    for run in needing[:MEMORY_LINES]:
+        out.print(f"memory: {run.key}: {run.memory['gib']:.0f} GiB per GPU without, "
+                  f"{run.memory['gib_checkpointed']:.0f} with checkpointing at batch "
+                  f"{run.memory['batch_per_gpu']}: {Planner._memory_note(run)}", highlight=False)
     for line in planner.calibration():
         out.print(f"calibration: {line}", highlight=False)
     Console(stderr=True).print(f"plan: wrote {csv_path} and {md_path.name}", highlight=False)

@@ -87,6 +87,9 @@ def _plan_costs(folder: Path) -> dict:
     costs = {}
     for r in plan.itertuples():
         text = f"≈{r.gpu_hours_estimate} {r.gpu.upper()} GPU-h ({r.wall_hours_estimate} h on {r.gpus})"
+        low, high = getattr(r, "gpu_hours_low", ""), getattr(r, "gpu_hours_high", "")
+        if low and high and low != high:   # the plan's range: FLOP estimate and calibrated (docs/training.md)
+            text = f"≈{low}–{high} {r.gpu.upper()} GPU-h (FLOP estimate {r.gpu_hours_estimate}; {r.gpus} GPUs)"
         if r.shared_with:
             text += f"; run shared with {r.shared_with}"
         costs[(r.table, r.row, r.column)] = text

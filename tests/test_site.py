@@ -169,7 +169,7 @@ def test_pages_carry_layout_notes_costs_and_figures(built):
     for r in frame.itertuples():
         assert html.escape(report.cell_text(spec, r), quote=False) in page   # the Markdown's cell text
     assert "reproduce train riformer-1 pooling_ce_loss" in page            # the command, from the note
-    assert re.search(r'class="cost">plan: ≈[\d.]+ A100 GPU-h', page)          # plan.csv's estimate
+    assert re.search(r'class="cost">plan: ≈[\d.]+(–[\d.]+)? A100 GPU-h', page)          # plan.csv's estimate
     index = (site_dir / "index.html").read_text()
     assert index.count('src="data:image/png;base64,') == len(list(folder.glob("figure-*.png")))
     assert "torch 2.13.0+cpu" in index                                     # the run's software
