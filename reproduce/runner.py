@@ -261,12 +261,16 @@ class TableRun:
         for row, column in cells:
             result = results.get(self.target(row, column))
             if result:
-                self.values[(row.id, column.id)] = result["img_per_s"]
-                self.ranges[(row.id, column.id)] = (result["min"], result["max"])
-                self.samples[(row.id, column.id)] = (result.get("session"), result["samples"])
-                spread = (f"batch {result['batch_size']}, median of {len(result['samples'])} timings, "
-                          f"range {result['min']:.1f}–{result['max']:.1f}")
-                self.notes[(row.id, column.id)] = "; ".join([spread, *(result.get("notes") or [])])
+                self.record_throughput(row.id, column.id, result)
+
+    def record_throughput(self, row_id: str, column_id: str, result: dict) -> None:
+        """Keep one throughput cell's timing (`measure.time_interleaved`'s form of a result)."""
+        self.values[(row_id, column_id)] = result["img_per_s"]
+        self.ranges[(row_id, column_id)] = (result["min"], result["max"])
+        self.samples[(row_id, column_id)] = (result.get("session"), result["samples"])
+        spread = (f"batch {result['batch_size']}, median of {len(result['samples'])} timings, "
+                  f"range {result['min']:.1f}–{result['max']:.1f}")
+        self.notes[(row_id, column_id)] = "; ".join([spread, *(result.get("notes") or [])])
 
     # -- derived, settings, accuracy -----------------------------------------------------------------
     def _operands(self, row, column) -> tuple[tuple, tuple] | None:

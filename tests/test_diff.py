@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import rewrite_spec, scratch_table
 
-from reproduce import cli, measure, registry, report
+from reproduce import cli, guards, measure, registry, report
 from riformer import metaformer
 
 # Two rows of RIFormer Table 6 (its printed numbers): PoolFormer-S12 and RIFormer-S12 over it.
@@ -41,6 +41,7 @@ def steady_timer(monkeypatch, deploy_speed=1.2):
         return 100.0 * (deploy_speed if deployed else 1.0) * next(wobble)
 
     monkeypatch.setattr(measure.Timer, "sample", sample)
+    monkeypatch.setattr(guards, "own_sample", sample)  # the diff's guard timings
 
 
 def invoke(*args):

@@ -15,6 +15,7 @@ LAYERS = {
     "engine.cli": 4,
     "runner": 3,              # the commands' own modules: table, diff, list, plan, figures, ...
     "checks": 3,
+    "guards": 3,              # the diff's guard gains: paired timing and the rule that judges them
     "coverage": 3,
     "plan": 3,
     "figures": 3,
