@@ -138,11 +138,6 @@ class Verdict:
     def holds(self) -> bool:
         return self.precise and not (self.slower or self.faster)
 
-    @property
-    def decided(self) -> bool:
-        """Whether more pairs could change the verdict: no when precise, or already outside."""
-        return self.precise or self.slower or self.faster
-
     def _show(self, ratio: float) -> str:
         value = from_ratio(self.kind, ratio)
         return f"{value:+.1f} %" if self.kind == "gain" else f"{value:.3f}"
@@ -172,13 +167,13 @@ def judge(name: str, kind: str, ratios: list[float], committed: float, tolerance
 
 def judged_pairs(a: measure.Timer, b: measure.Timer, name: str, kind: str, committed: float | None,
                  min_pairs: int = MIN_PAIRS, max_pairs: int = MAX_PAIRS) -> tuple[tuple, Verdict | None]:
-    """Time `a` against `b` in steps until the verdict is decided (or `max_pairs`): (samples, verdict);
+    """Time `a` against `b` in steps until the interval is precise (or `max_pairs`): (samples, verdict);
     with no committed ratio, `min_pairs` pairs timed until precise, and no verdict."""
     samples, verdict = time_pairs(a, b, min_pairs), None
     while True:
         ratios = [x / y for x, y in zip(*samples)]
         verdict = judge(name, kind, ratios, statistics.median(ratios) if committed is None else committed)
-        if verdict.decided or len(ratios) >= max_pairs:
+        if verdict.precise or len(ratios) >= max_pairs:  # judged once precise, not at each look
             return samples, (None if committed is None else verdict)
         samples = time_pairs(a, b, min(STEP_PAIRS, max_pairs - len(ratios)), warmup_pairs=0, samples=samples)
 

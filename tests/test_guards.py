@@ -59,7 +59,7 @@ class FakeTimer:
         self.name, self.log, self.speed = name, log, speed
 
 
-def test_pairs_alternate_and_more_are_timed_until_decided(monkeypatch):
+def test_pairs_alternate_and_more_are_timed_until_precise(monkeypatch):
     log = []
     wobble = iter(ratios(1.0, 0.08, 1000, seed=3))
 
@@ -73,4 +73,4 @@ def test_pairs_alternate_and_more_are_timed_until_decided(monkeypatch):
     assert log[:2 * guards.WARMUP_PAIRS] == ["a", "b"] * guards.WARMUP_PAIRS
     assert log[2 * guards.WARMUP_PAIRS:][:8] == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(samples[0]) == len(samples[1]) == verdict.pairs > guards.MIN_PAIRS  # 8 % noise: more pairs
-    assert verdict.pairs < guards.MAX_PAIRS and verdict.decided and verdict.holds
+    assert verdict.pairs < guards.MAX_PAIRS and verdict.precise and verdict.holds

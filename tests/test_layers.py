@@ -16,6 +16,7 @@ LAYERS = {
     "runner": 3,              # the commands' own modules: table, diff, list, plan, figures, ...
     "checks": 3,
     "guards": 3,              # the diff's guard gains: paired timing and the rule that judges them
+    "cells": 3,               # a table's cells, one unit per kind (static, throughput, accuracy, settings)
     "coverage": 3,
     "plan": 3,
     "figures": 3,
