@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from reproduce import guards, measure, report
+from reproduce import guards, report
 from reproduce.coverage import _operands
+from reproduce.device import resolve
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RegistryError, load_table, table_ids
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun, write_results
 
@@ -256,10 +257,11 @@ def check_results(path: Path, remeasure: bool = False, against: str = "auto", up
         (found.accepted if update else found.problems).extend(failures)
 
     if remeasure:
-        here = measure.device_tag(device) == device_tag
+        device = resolve(device)
+        here = device.tag == device_tag
         if spec.guards and not here:
             found.warnings.append(f"guard gains not timed again: these results are from {device_tag}, this "
-                                  f"machine is {measure.device_tag(device)}")
+                                  f"machine is {device.tag}")
         fresh, meta, verdicts = _remeasure(spec, device, show_progress, frame if here else None)
         failures, moves = compare_with(spec, frame, fresh, "the results file", judged=set(spec.guards))
         problems, _ = reference_problems(spec, fresh, device_tag, complete=False)

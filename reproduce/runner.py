@@ -26,6 +26,7 @@ from reproduce.cells.settings import Settings
 from reproduce.cells.static import StaticCounts
 from reproduce.cells.target import Target, target_of
 from reproduce.cells.throughput import Throughput
+from reproduce.device import resolve
 from reproduce.measure import source_fingerprint
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, ROOT, TableSpec
 
@@ -63,7 +64,7 @@ class TableRun:
     def __init__(self, spec: TableSpec, device: str = "cpu", kinds: set[str] | None = None,
                  cache: MeasurementCache | None = None, show_progress: bool = True,
                  rows: set[str] | None = None, protocol_overrides: dict | None = None, only: set | None = None):
-        self.spec, self.device = spec, measure.resolve_device(device)
+        self.spec, self.device = spec, resolve(device)  # one Device, passed down to every unit
         self.kinds = kinds
         self.rows = rows                                  # only these rows' cells (None: every row)
         self.only = only  # {(row, column)}: measure just these cells (and their operands), e.g. diff's guards
@@ -73,8 +74,8 @@ class TableRun:
         self.values: dict[tuple[str, str], float] = {}   # (row, column) -> measured number
         self.notes: dict[tuple[str, str], str] = {}
         self.failures: dict[Target, str] = {}             # why a target could not be measured
-        self.env = measure.environment(self.device)
-        self.device_tag = measure.device_tag(self.device)
+        self.env = self.device.env
+        self.device_tag = self.device.tag
         # one unit per cell kind (reproduce/cells/)
         self.static = StaticCounts(self)
         self.throughput = Throughput(self, protocol_overrides)
@@ -250,7 +251,7 @@ class TableRun:
         return report.cells_frame([c for c in cells if c is not None])
 
     def meta(self) -> dict:
-        meta = {"device": self.env["device"], "device tag": measure.device_tag(self.device),
+        meta = {"device": self.env["device"], "device tag": self.device_tag,
                 "software": f"torch {self.env['torch']}, timm {self.env['timm']}, python {self.env['python']}",
                 "torch threads (counting; timing: see protocol)": self.env["threads"],
                 "date": dt.date.today().isoformat(),
@@ -262,7 +263,7 @@ class TableRun:
 
 
 def results_paths(table_id: str, device: str, results_dir: Path | None = None) -> tuple[Path, Path]:
-    folder = Path(results_dir or RESULTS_DIR) / measure.device_tag(device)
+    folder = Path(results_dir or RESULTS_DIR) / resolve(device).tag
     return folder / f"{table_id}.csv", folder / f"{table_id}.md"
 
 

@@ -23,7 +23,8 @@ LAYERS = {
     "site": 3,
     "submit": 3,
     "registry": 2,            # the shared core: registry, errors, files, provenance, measurement,
-    "errors": 2,              # the weights manifest, the report writer, and the training engine
+    "errors": 2,
+    "device": 2,              # the one device resolution: a Device passed down              # the weights manifest, the report writer, and the training engine
     "files": 2,
     "provenance": 2,
     "measure": 2,

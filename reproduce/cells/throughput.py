@@ -67,7 +67,7 @@ class Throughput:
         def key(t):
             return measure.cache_key(kind="throughput", model=t.model, kwargs=t.kwargs, form=t.form,
                                      img_size=t.img_size, protocol=self.protocol(t.img_size).__dict__,
-                                     device=measure.device_tag(run.device), code=run.fingerprint,
+                                     device=run.device.tag, code=run.fingerprint,
                                      group=sorted(f"{u.model}|{u.form}|{u.img_size}|{u.kwargs}" for u in group_of[t]))
 
         for t in targets:
