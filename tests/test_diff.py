@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
-from helpers import rewrite_spec, scratch_table
+from helpers import guard_plants, rewrite_spec, scratch_table
 
 from reproduce import cli, guards, measure, registry, report
 from riformer import metaformer
@@ -176,6 +176,27 @@ def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeyp
     result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", results)
     assert result.exit_code == 1, result.output
     assert "re-measured riformer_s12/throughput_gain: undeclared mismatch: reported 17.8, measured -" in result.output
+
+
+@pytest.mark.slow
+def test_a_sleep_in_riformers_deploy_blocks_fails_the_guard(tmp_path, monkeypatch):
+    """Issue 19: a sleep in RIFormer's deploy blocks took the gain from +18 % to +3 % and passed,
+    because ranges only had to overlap. Real models at 224 px; the guard's value is accepted first
+    (`diff --remeasure --update`, as after a table run), then every deploy block sleeps 5 ms."""
+    spec = copy.deepcopy(SPEC)
+    spec["defaults"] = {"img_size": 224}
+    for row in spec["rows"].values():
+        row.pop("deviations")
+    spec["columns"].pop("macs")
+    results = scratch_table(tmp_path, monkeypatch, spec, "riformer-6")
+    assert invoke("table", "riformer-6", "--results-dir", results, "--quiet").exit_code == 0
+    accepted = invoke("diff", "riformer-6", "--remeasure", "--update", "--results-dir", results)
+    assert "Traceback" not in accepted.output
+    with guard_plants().sleep_in_deploy(0.005):
+        result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", results)
+    assert result.exit_code == 1, result.output
+    assert "riformer_s12/throughput_gain: guard failed: median of" in result.output
+    assert "lies below the committed" in result.output
 
 
 def test_a_committed_edit_is_compared_with_the_state_before_it_not_with_itself(committed):
