@@ -8,8 +8,7 @@
    deviation (with that status and, for exact cells, that value);
 2. against the committed results of the same device (git; `baseline_revision`: HEAD for uncommitted
    work, HEAD~1 when the file is as committed, as in CI): params, MACs, settings and accuracy
-   must not move at all, a throughput gain's range must still overlap the accepted one (a guard
-   gain is judged by reproduce/guards.py instead, when re-timed);
+   must not move at all, a throughput gain's range must still overlap the accepted one;
 3. with `remeasure`, against a fresh measurement: params and MACs of every row, every setting
    cell read again from its recipe (resolved with its bases) or model, and the table's guard gains
    (`guards:` in its spec) timed again in alternating pairs and judged against the file's value by
