@@ -156,10 +156,8 @@ def test_the_results_notes_give_the_declared_reason(committed):
         "Accepted mismatch (declared in riformer-6.yaml): counted at 64 px")
 
 
-def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeypatch):  # (b)
-    """Real RIFormer-S12 and PoolFormer-S12 at 224 px under the riformer protocol's CPU section: the
-    guard gain is timed again by `reproduce diff --remeasure` after every deploy block is made to run
-    twice, which turns RIFormer's gain over PoolFormer-S12 negative."""
+def real_table(tmp_path, monkeypatch):
+    """The two rows at 224 px, measured with the real timer (the riformer protocol's CPU section)."""
     spec = copy.deepcopy(SPEC)
     spec["defaults"] = {"img_size": 224}
     for row in spec["rows"].values():
@@ -167,6 +165,14 @@ def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeyp
     spec["columns"].pop("macs")
     results = scratch_table(tmp_path, monkeypatch, spec, "riformer-6")
     assert invoke("table", "riformer-6", "--results-dir", results, "--quiet").exit_code == 0
+    return results
+
+
+def test_a_slower_riformer_deploy_form_fails_on_the_real_timer(tmp_path, monkeypatch):  # (b)
+    """Real RIFormer-S12 and PoolFormer-S12 at 224 px under the riformer protocol's CPU section: the
+    guard gain is timed again by `reproduce diff --remeasure` after every deploy block is made to run
+    twice, which turns RIFormer's gain over PoolFormer-S12 negative."""
+    results = real_table(tmp_path, monkeypatch)
     plain_forward = metaformer.RIFormerBlock.forward
 
     def twice(self, x):
@@ -183,13 +189,7 @@ def test_a_sleep_in_riformers_deploy_blocks_fails_the_guard(tmp_path, monkeypatc
     """Issue 19: a sleep in RIFormer's deploy blocks took the gain from +18 % to +3 % and passed,
     because ranges only had to overlap. Real models at 224 px; the guard's value is accepted first
     (`diff --remeasure --update`, as after a table run), then every deploy block sleeps 5 ms."""
-    spec = copy.deepcopy(SPEC)
-    spec["defaults"] = {"img_size": 224}
-    for row in spec["rows"].values():
-        row.pop("deviations")
-    spec["columns"].pop("macs")
-    results = scratch_table(tmp_path, monkeypatch, spec, "riformer-6")
-    assert invoke("table", "riformer-6", "--results-dir", results, "--quiet").exit_code == 0
+    results = real_table(tmp_path, monkeypatch)
     accepted = invoke("diff", "riformer-6", "--remeasure", "--update", "--results-dir", results)
     assert "Traceback" not in accepted.output
     with guard_plants().sleep_in_deploy(0.005):
