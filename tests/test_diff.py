@@ -244,3 +244,13 @@ def test_update_prints_each_accepted_move_old_to_new(committed):
     assert result.exit_code == 0, result.output
     assert "accepted" in result.output and "riformer_s12/params: moved from 11.915176 to 11.675176 (-0.24)" \
         in result.output
+
+
+def test_guards_of_results_from_another_device_are_not_timed_and_the_diff_says_so(committed):
+    other = committed / "cpu-other-cpu-2c"
+    other.mkdir()
+    (other / "riformer-6.csv").write_text(csv_of(committed).read_text())
+    result = invoke("diff", "riformer-6", "--remeasure", "--results-dir", committed)
+    assert "cpu-other-cpu-2c/riformer-6.csv: guard gains not timed again: these results are from " \
+           f"cpu-other-cpu-2c, this machine is {measure.device_tag('cpu')}" in result.output
+    assert "guard holds" in result.output  # this machine's own file: timed and judged
