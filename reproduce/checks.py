@@ -11,7 +11,8 @@
    must not move at all, a throughput gain's range must still overlap the accepted one;
 3. with `remeasure`, against a fresh measurement: params and MACs of every row, every setting
    cell read again from its recipe (resolved with its bases) or model, and the table's guard gains
-   (`guards:` in its spec) timed again.
+   (`guards:` in its spec) timed again in alternating pairs and judged against the file's value by
+   the rule of reproduce/guards.py.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from reproduce import measure, report
+from reproduce import guards, report
 from reproduce.coverage import _operands
+from reproduce.device import resolve
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RegistryError, load_table, table_ids
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun, write_results
 
@@ -152,9 +154,11 @@ def _delta(old: str, new: str) -> str:
     return f"{b[0] - a[0]:+.4g}" if a and b else "changed"
 
 
-def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str) -> tuple[list, list]:
+def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str,
+                 judged: set = frozenset()) -> tuple[list, list]:
     """(failures, moves) of `new` cells against `accepted` ones of the same device: exact kinds
-    must not move, gains must keep overlapping ranges, a measured cell must stay measured."""
+    must not move, gains must keep overlapping ranges (except the `judged` ones: guard gains, which
+    reproduce/guards.py judges), a measured cell must stay measured."""
     failures, moves = [], []
     old_cells = {(r.row, r.column): r for r in accepted.itertuples()}
     for cell in new.itertuples():
@@ -176,7 +180,7 @@ def compare_with(spec, accepted: pd.DataFrame, new: pd.DataFrame, what: str) -> 
                 failures.append(f"{name}: moved from {old.measured} to {cell.measured} "
                                 f"({_delta(old.measured, cell.measured)}) since {what}")
             continue
-        if column.kind in ("gain", "ratio"):
+        if column.kind in ("gain", "ratio") and (cell.row, cell.column) not in judged:
             a, b = _spread(old), _spread(cell)
             if a and b and (b[1] < a[0] or b[0] > a[1]):
                 failures.append(f"{name}: moved from {_shown(old)} to {_shown(cell)} "
@@ -252,35 +256,40 @@ def check_results(path: Path, remeasure: bool = False, against: str = "auto", up
         (found.accepted if update else found.problems).extend(failures)
 
     if remeasure:
-        fresh, meta = _remeasure(spec, device, device_tag, show_progress)
-        if fresh is not None:
-            failures, moves = compare_with(spec, frame, fresh, "the results file")
-            problems, _ = reference_problems(spec, fresh, device_tag, complete=False)
-            found.problems += [f"re-measured {p}" for p in problems]
-            found.moved += [f"re-measured {m}" for m in moves]
-            if update:
-                found.accepted += failures
-                write_results(spec, fresh, path, meta, merge=True)
-            else:
-                found.problems += failures
+        device = resolve(device)
+        here = device.tag == device_tag
+        if spec.guards and not here:
+            found.warnings.append(f"guard gains not timed again: these results are from {device_tag}, this "
+                                  f"machine is {device.tag}")
+        fresh, meta, verdicts = _remeasure(spec, device, show_progress, frame if here else None)
+        failures, moves = compare_with(spec, frame, fresh, "the results file", judged=set(spec.guards))
+        problems, _ = reference_problems(spec, fresh, device_tag, complete=False)
+        found.problems += [f"re-measured {p}" for p in problems]
+        found.moved += [f"re-measured {m}" for m in moves]
+        failures += [v.line() for v in verdicts if not v.holds]
+        found.moved += [v.line() for v in verdicts if v.holds]
+        if update:
+            found.accepted += failures
+            write_results(spec, fresh, path, meta, merge=True)
+        else:
+            found.problems += failures
     return found
 
 
-def _remeasure(spec, device: str, device_tag: str, show_progress: bool):
-    """Params and MACs of every row, every setting read again, and (on the device the results are
-    from) the guard gains, measured afresh without the cache."""
+def _remeasure(spec, device: str, show_progress: bool, results: pd.DataFrame | None = None):
+    """Params and MACs of every row and every setting read again, measured afresh without the
+    cache; with `results` (the file's cells, on the device they are from), the guard gains timed
+    again and judged against them (reproduce/guards.py): (cells, meta, verdicts)."""
     cache = MeasurementCache(enabled=False)
     static = TableRun(spec, device, kinds=set(STATIC), cache=cache, show_progress=show_progress)
     frames = [static.run()]
-    meta = static.meta()
-    if spec.guards and measure.device_tag(device) == device_tag:
-        guards = TableRun(spec, device, kinds={"throughput"}, cache=cache, show_progress=show_progress,
-                          only=set(spec.guards))
-        frames.append(guards.run())
-        meta = guards.meta()
+    meta, verdicts = static.meta(), []
+    if spec.guards and results is not None:
+        guard_cells, verdicts, meta = guards.remeasure(spec, device, results)
+        frames.append(guard_cells)
     fresh = pd.concat(frames, ignore_index=True)
     kinds = {c.id: (spec.columns[c.of].kind if c.kind in DERIVED_KINDS else c.kind) for c in spec.columns.values()}
     # settings are read again too (from the recipe resolved with its bases, or the built model)
     keep = [kinds[c] in STATIC or kinds[c] == "setting" or (r, c) in spec.guards
             for r, c in zip(fresh.row, fresh.column)]
-    return fresh[keep].reset_index(drop=True), meta
+    return fresh[keep].reset_index(drop=True), meta, verdicts

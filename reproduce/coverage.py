@@ -12,8 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reproduce import measure, report
+from reproduce import report
 from reproduce.buildable import _cached, model_builds, recipe_runs, released_weights
+from reproduce.device import resolve
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, RECIPES
 from reproduce.runner import RESULTS_DIR, TableRun
 
@@ -100,10 +101,10 @@ def table_coverage(spec, device: str = "cpu", results_dir: Path | None = None) -
             can[kind] += _cell_coverable(spec, run, ref.row, ref.column)
         return True, json.dumps({"can": can, "total": total})
 
-    _, counted = _cached("coverage", [spec.id, device, measure.device_tag(device), _inputs_digest(spec)], count)
+    _, counted = _cached("coverage", [spec.id, device, resolve(device).tag, _inputs_digest(spec)], count)
     numbers = json.loads(counted)
     coverage = Coverage(Counter(numbers["can"]), Counter(numbers["total"]))
-    path = Path(results_dir or RESULTS_DIR) / measure.device_tag(device) / f"{spec.id}.csv"
+    path = Path(results_dir or RESULTS_DIR) / resolve(device).tag / f"{spec.id}.csv"
     if path.exists():
         coverage.statuses = Counter(report.read_results(path)["status"])
     return coverage

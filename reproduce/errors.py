@@ -29,10 +29,12 @@ def table_id(value: str) -> str:
         raise SuiteError(str(e)) from None
 
 
-def device(value: str) -> str:
-    """The device a command runs on (`auto` resolved once, here), or a SuiteError."""
+def device(value: str):
+    """The device a command runs on, resolved once here (a reproduce.device.Device, passed down), or a
+    SuiteError."""
     from reproduce import measure
+    from reproduce.device import resolve
     try:
-        return measure.resolve_device(value)
+        return resolve(value)
     except measure.MeasureError as e:
         raise SuiteError(str(e)) from None

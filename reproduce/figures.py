@@ -48,6 +48,7 @@ import torch.nn as nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reproduce import files, measure  # measure imports riformer, which must come before timm
+from reproduce.device import resolve
 from reproduce.registry import RegistryError, load_protocol
 from reproduce.runner import RESULTS_DIR
 
@@ -236,7 +237,7 @@ def _attention_note(model: nn.Module) -> str:
 
 
 def _meta_columns(device: str, protocol_text: str) -> dict:
-    env = measure.environment(device)
+    env = resolve(device).env
     software = f"torch {env['torch']}, timm {env['timm']}, python {env['python']}"
     for key in ("cuda", "cudnn", "driver"):
         if env.get(key):
@@ -404,7 +405,7 @@ def plot_repaformer_3(frame: pd.DataFrame):
 
 
 def figure_paths(figure_id: str, device: str, results_dir: Path | None = None) -> tuple[Path, Path]:
-    folder = Path(results_dir or RESULTS_DIR) / measure.device_tag(device)
+    folder = Path(results_dir or RESULTS_DIR) / resolve(device).tag
     return folder / f"figure-{figure_id}.csv", folder / f"figure-{figure_id}.png"
 
 
@@ -453,7 +454,7 @@ def _run(figure_id: str, measure_frame, plot, device: str, results_dir, quiet: b
          cpu_threads: int | None = None, **kwargs):
     """Measure (under `threads`, else `cpu_threads` on CPU), then write the CSV and the PNG."""
     try:
-        device = measure.resolve_device(device)
+        device = resolve(device)
         if threads is None and not device.startswith("cuda"):
             threads = cpu_threads
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -672,7 +673,7 @@ def _speed_accuracy_command(figure_id: str):
 
         try:
             figure = load_figure(figure_id)
-            device = measure.resolve_device(device)
+            device = resolve(device)
             frame = speed_accuracy(figure, device, MeasurementCache(enabled=not no_cache),
                                    progress=None if quiet else True, runs=runs, repeats=repeats, warmup=warmup)
         except (RegistryError, measure.MeasureError) as e:

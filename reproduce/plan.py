@@ -34,6 +34,7 @@ import pandas as pd
 
 from reproduce import files, measure
 from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, PAPERS, RECIPES, RegistryError, load_recipe, load_table
+from reproduce.device import resolve
 from reproduce.measure import source_fingerprint
 from reproduce.runner import RESULTS_DIR, MeasurementCache, TableRun
 
@@ -150,7 +151,7 @@ def _counting_kwargs(kwargs: dict, num_classes: int | None) -> dict:
 def _rate_key(recipe_path: str, recipe: dict, device: str, batch_size, img_size) -> str:
     config = {k: v for k, v in recipe.items() if k != "path"}  # the same on every machine
     return measure.cache_key(kind="train_rate", recipe=recipe_path, config=json.dumps(config, sort_keys=True, default=str),
-                             device=measure.device_tag(device), batch_size=batch_size, img_size=img_size,
+                             device=resolve(device).tag, batch_size=batch_size, img_size=img_size,
                              code=source_fingerprint())
 
 
@@ -637,7 +638,7 @@ class Planner:
                 "anchor": run.anchor.id if run and run.anchor and run.path == "recipe" else "",
                 "gpu_hours_low": _fmt(low, 1), "gpu_hours_high": _fmt(high, 1), "gpu_hours_basis": basis,
                 "wall_hours_estimate": _fmt(gpu_h / s.gpus if gpu_h is not None else None, 1), "gpus": s.gpus,
-                "device": measure.device_tag(s.device),
+                "device": resolve(s.device).tag,
                 "device_img_per_s": _fmt(run.rate["img_per_s"] if run and run.rate else None, 2),
                 "device_hours_estimate": _fmt(dev_h, 1),
                 "batch_per_gpu": memory["batch_per_gpu"] if memory else "",
@@ -799,7 +800,7 @@ def render_markdown(planner: Planner, tables: list[str]) -> str:
 
 
 def plan_paths(tables: list[str], all_tables: bool, device: str, results_dir: Path | None) -> tuple[Path, Path]:
-    folder = Path(results_dir or RESULTS_DIR) / measure.device_tag(device)
+    folder = Path(results_dir or RESULTS_DIR) / resolve(device).tag
     stem = "plan" if all_tables else "plan-" + "+".join(tables)
     return folder / f"{stem}.csv", folder / f"{stem}.md"
 

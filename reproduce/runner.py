@@ -1,5 +1,8 @@
 """Run one table: measure every cell the spec makes measurable, and write the results.
 
+`TableRun` decides which cells a run needs and puts each through the unit of its kind
+(reproduce/cells/: static counts, throughput, accuracy, settings; their note texts in
+cells/notes.py); it derives gains and differences and lays every cell out with its status.
 Measurements are cached on disk one by one (so an interrupted table resumes where it stopped and
 a second run is quick); the results CSV and Markdown are written once, atomically, at the end.
 """
@@ -11,18 +14,21 @@ import hashlib
 import json
 import math
 import os
-import statistics
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import files, measure, report, weights
-from reproduce.buildable import recipe_runs
+from reproduce import files, measure, report
+from reproduce.cells import notes
+from reproduce.cells.accuracy import Accuracy
+from reproduce.cells.settings import Settings
+from reproduce.cells.static import StaticCounts
+from reproduce.cells.target import Target, target_of
+from reproduce.cells.throughput import Throughput
+from reproduce.device import resolve
 from reproduce.measure import source_fingerprint
-from reproduce.registry import (DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, _show, load_protocol,
-                               load_recipe)
+from reproduce.registry import DERIVED_KINDS, NOT_REPORTED, ROOT, TableSpec
 
 RESULTS_DIR = ROOT / "results"
 RUNS_DIR = ROOT / "runs"
@@ -52,83 +58,45 @@ class MeasurementCache:
             files.atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}))
 
 
-def accuracy_command(spec: TableSpec, row_id: str, column_id: str | None = None) -> str:
-    column = f" --column {column_id}" if column_id in spec.rows[row_id].recipes else ""
-    return (f"reproduce train {spec.id} {row_id}{column} --data /path/to/imagenet --scale full --nproc 8 "
-            f"&& reproduce table {spec.id} --columns accuracy")
-
-
-def _dig(data, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            raise KeyError(part)
-        data = data[part]
-    return data
-
-
-class SourceDoesNotApply(KeyError):
-    """A setting source that this row lacks (no recipe): the next source of the list is tried."""
-
-
-class RecipeDoesNotRun(KeyError):
-    """A recipe-sourced setting whose recipe does not build its models: the cell stays pending."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one measured cell measures: a model in a form at a size (hashable, for grouping)."""
-    row: str
-    role: str          # "" for the row's model, else the row field the column names (e.g. teacher)
-    model: str | None
-    kwargs: str        # JSON of the model kwargs
-    img_size: int
-    form: str
-    convention: str
-
-    @property
-    def label(self) -> str:
-        return self.row + (f" ({self.role})" if self.role else "") + (f" [{self.form}]" if self.form != "train" else "")
-
-    def build(self, for_counting=False):
-        return measure.build_model(self.model, json.loads(self.kwargs), self.form, for_counting=for_counting)
-
-
 class TableRun:
     """Measures the cells of `spec` whose column kinds are in `kinds` on `device`."""
 
     def __init__(self, spec: TableSpec, device: str = "cpu", kinds: set[str] | None = None,
                  cache: MeasurementCache | None = None, show_progress: bool = True,
                  rows: set[str] | None = None, protocol_overrides: dict | None = None, only: set | None = None):
-        self.spec, self.device = spec, measure.resolve_device(device)
+        self.spec, self.device = spec, resolve(device)  # one Device, passed down to every unit
         self.kinds = kinds
         self.rows = rows                                  # only these rows' cells (None: every row)
-        self.protocol_overrides = {k: v for k, v in (protocol_overrides or {}).items() if v is not None}
         self.only = only  # {(row, column)}: measure just these cells (and their operands), e.g. diff's guards
         self.cache = cache or MeasurementCache()
         self.show_progress = show_progress
         self.fingerprint = source_fingerprint()
-        self.protocol_spec = load_protocol(spec.protocol) if spec.protocol else None
         self.values: dict[tuple[str, str], float] = {}   # (row, column) -> measured number
         self.notes: dict[tuple[str, str], str] = {}
-        self.ranges: dict[tuple[str, str], tuple[float, float]] = {}  # timing min/max of throughput cells
-        self.samples: dict[tuple[str, str], tuple] = {}   # (timing session, per-round images/s)
         self.failures: dict[Target, str] = {}             # why a target could not be measured
-        self.refused: dict[tuple[str, str], str] = {}     # accuracy results refused, and why
-        self.origins: dict[tuple[str, str], str] = {}     # where an accepted accuracy comes from
-        self._models: dict[tuple, object] = {}            # model whose attributes settings read
-        self._reference_models: dict[str, object] = {}    # models a setting compares with (Table 8)
-        self.protocols_used: dict[int, measure.Protocol] = {}
-        self.env = measure.environment(self.device)
-        self.device_tag = measure.device_tag(self.device)
+        self.env = self.device.env
+        self.device_tag = self.device.tag
+        # one unit per cell kind (reproduce/cells/)
+        self.static = StaticCounts(self)
+        self.throughput = Throughput(self, protocol_overrides)
+        self.accuracy = Accuracy(self)
+        self.settings = Settings(self)
+
+    # what the units keep, as the commands read it
+    protocol_spec = property(lambda self: self.throughput.protocol_spec)
+    protocols_used = property(lambda self: self.throughput.protocols_used)
+    protocol_overrides = property(lambda self: self.throughput.protocol_overrides)
+    ranges = property(lambda self: self.throughput.ranges)
+    samples = property(lambda self: self.throughput.samples)
+    refused = property(lambda self: self.accuracy.refused)
+    origins = property(lambda self: self.accuracy.origins)
 
     # -- what to measure ------------------------------------------------------------------------
     def wanted(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
 
     def target(self, row, column) -> Target:
-        model = row.settings.get(column.model_from) if column.model_from else row.model
-        return Target(row.id, column.model_from or "", model, json.dumps(row.model_kwargs, sort_keys=True),
-                      row.img_size, column.form or row.form, row.macs_convention)
+        return target_of(row, column)
 
     def _needed_cells(self, kinds) -> list[tuple]:
         """(row, column) pairs of these kinds that the reference prints or a derived column needs."""
@@ -164,111 +132,23 @@ class TableRun:
             self.failures[target] = f"measurement failed: {type(e).__name__}: {e}"
         return None
 
-    # -- static columns ---------------------------------------------------------------------------
-    def measure_static(self, progress):
-        cells = self._needed_cells([k for k in ("params", "macs") if self.wanted(k)])
-        groups: dict[Target, list] = {}
-        for row, column in cells:
-            groups.setdefault(self.target(row, column), []).append(column)
-        task = progress.add_task(f"{self.spec.id}: params & MACs", total=len(groups))
-        for target, columns in groups.items():
-            progress.update(task, description=f"{self.spec.id}: params & MACs · {target.label}")
-            model = None
-            for column in columns:
-                macs = column.kind == "macs"
-                key = measure.cache_key(kind=column.kind, model=target.model, kwargs=target.kwargs, form=target.form,
-                                        img_size=target.img_size if macs else None,
-                                        convention=target.convention if macs else None, code=self.fingerprint)
-                value = self.cache.get(key)
-                if value is None:
-                    model = model or self._measure_or_fail(target, lambda: target.build(for_counting=True))
-                    if model is None:
-                        break
-                    value = self._measure_or_fail(
-                        target, lambda m=model: measure.count_macs(m, target.img_size, target.convention) if macs
-                        else measure.count_params(m))
-                    if value is None:
-                        break
-                    self.cache.put(key, value)
-                self.values[(target.row, column.id)] = value
-            progress.advance(task)
-
-    # -- throughput -------------------------------------------------------------------------------
+    # -- the units, as the commands call them -----------------------------------------------------
     def _protocol(self, img_size: int) -> measure.Protocol:
-        if img_size not in self.protocols_used:
-            protocol = measure.Protocol.for_device(self.protocol_spec, self.device, img_size)
-            # e.g. the GPU session's fewer passes (batch size and dtype stay the paper's)
-            self.protocols_used[img_size] = replace(protocol, **self.protocol_overrides)
-        return self.protocols_used[img_size]
+        return self.throughput.protocol(img_size)
 
-    def _throughput_pairs(self, targets) -> list[tuple[Target, Target]]:
-        """Pairs of targets whose throughput ratio a gain/ratio column reports."""
-        pairs = []
-        for col in self.spec.columns_of_kind(*DERIVED_KINDS):
-            of = self.spec.columns[col.of]
-            if of.kind != "throughput":
-                continue
-            for row in self.spec.rows.values():
-                if col.over:
-                    a, b = self.target(row, of), self.target(row, self.spec.columns[col.over])
-                elif row.baseline:
-                    a, b = self.target(row, of), self.target(self.spec.rows[row.baseline], of)
-                else:
-                    continue
-                if a in targets and b in targets and a != b and (a, b) not in pairs and (b, a) not in pairs:
-                    pairs.append((a, b))
-        return pairs
+    def record_throughput(self, row_id: str, column_id: str, result: dict) -> None:
+        self.throughput.record(row_id, column_id, result)
 
-    def measure_throughput(self, progress):
-        if self.protocol_spec is None:
-            return
-        cells = self._needed_cells(["throughput"])
-        targets = {self.target(row, column) for row, column in cells}
-        results: dict[Target, dict] = {}
+    def on_paper_device(self) -> bool:
+        return self.throughput.on_paper_device()
 
-        # Every target linked to another through a gain is timed in one interleaved group
-        # (measure.time_interleaved), so that each gain compares timings taken side by side. A group
-        # is cached as a whole (its members' key names the group) and timed again as a whole, so a
-        # gain never pairs timings of two sessions.
-        groups = _connected_groups(sorted(targets, key=str), self._throughput_pairs(targets))
-        group_of = {t: group for group in groups for t in group}
+    def setting_value(self, row, column) -> tuple[object, str, bool]:
+        return self.settings.value(row, column)
 
-        def key(t: Target):
-            return measure.cache_key(kind="throughput", model=t.model, kwargs=t.kwargs, form=t.form,
-                                     img_size=t.img_size, protocol=self._protocol(t.img_size).__dict__,
-                                     device=measure.device_tag(self.device), code=self.fingerprint,
-                                     group=sorted(f"{u.model}|{u.form}|{u.img_size}|{u.kwargs}" for u in group_of[t]))
+    def accuracy_value(self, row, column):
+        return self.accuracy.value(row, column, RUNS_DIR)
 
-        for t in targets:
-            if cached := self.cache.get(key(t)):
-                results[t] = cached
-        todo = [g for g in groups if any(t not in results for t in g)]
-        task = progress.add_task(f"{self.spec.id}: throughput", total=len(todo))
-        for group in todo:
-            progress.update(task, description=f"{self.spec.id}: throughput · {' vs '.join(t.label for t in group)}")
-            timers = {}
-            for t in group:
-                timer = self._measure_or_fail(
-                    t, lambda: measure.Timer(t.build(), t.img_size, self._protocol(t.img_size), self.device))
-                if timer:
-                    timers[t] = timer
-            session = hashlib.sha1(f"{dt.datetime.now().isoformat()}{sorted(map(str, timers))}".encode()).hexdigest()[:12]
-            for t, result in measure.time_interleaved(timers).items():
-                results[t] = {**result, "session": session, "interleaved_with": [u.label for u in timers if u != t]}
-                self.cache.put(key(t), results[t])
-            timers.clear()
-            progress.advance(task)
-        for row, column in cells:
-            result = results.get(self.target(row, column))
-            if result:
-                self.values[(row.id, column.id)] = result["img_per_s"]
-                self.ranges[(row.id, column.id)] = (result["min"], result["max"])
-                self.samples[(row.id, column.id)] = (result.get("session"), result["samples"])
-                spread = (f"batch {result['batch_size']}, median of {len(result['samples'])} timings, "
-                          f"range {result['min']:.1f}–{result['max']:.1f}")
-                self.notes[(row.id, column.id)] = "; ".join([spread, *(result.get("notes") or [])])
-
-    # -- derived, settings, accuracy -----------------------------------------------------------------
+    # -- derived cells ----------------------------------------------------------------------------
     def _operands(self, row, column) -> tuple[tuple, tuple] | None:
         """The (row, column) cells a derived column divides or subtracts."""
         if column.over:
@@ -276,26 +156,6 @@ class TableRun:
         if row.baseline:
             return (row.id, column.of), (row.baseline, column.of)
         return None
-
-    def _paired_ratios(self, operands) -> list[float] | None:
-        """Per-round ratios of two throughputs timed interleaved in one session, else None."""
-        (sa, a), (sb, b) = (self.samples.get(o, (None, [])) for o in operands)
-        if sa is None or sa != sb or len(a) != len(b) or not a:
-            return None
-        return [x / y for x, y in zip(a, b)]
-
-    def derived_range(self, row, column) -> tuple[float, float, str] | None:
-        """A throughput gain's range: over the paired rounds if timed side by side, else the
-        crude bound from the two timing ranges (slowest over fastest and the reverse)."""
-        operands = self._operands(row, column)
-        if not operands or not all(o in self.ranges for o in operands):
-            return None
-        scale = (lambda r: 100 * (r - 1)) if column.kind == "gain" else (lambda r: r)
-        ratios = self._paired_ratios(operands)
-        if ratios:
-            return scale(min(ratios)), scale(max(ratios)), f"over {len(ratios)} interleaved rounds"
-        (a_lo, a_hi), (b_lo, b_hi) = (self.ranges[o] for o in operands)
-        return scale(a_lo / b_hi), scale(a_hi / b_lo), "from the two timing ranges"
 
     def derived_value(self, row, column):
         operands = self._operands(row, column)
@@ -306,154 +166,13 @@ class TableRun:
             return None
         if column.kind == "difference":
             return of - over
-        # Throughputs timed side by side: the median of the per-round ratios cancels drift
-        # that a ratio of two medians keeps.
-        ratios = self._paired_ratios(operands)
-        ratio = statistics.median(ratios) if ratios else of / over
+        ratio = self.throughput.ratio(operands, of, over)
         return 100.0 * (ratio - 1.0) if column.kind == "gain" else ratio
-
-    def setting_value(self, row, column) -> tuple[object, str, bool]:
-        """(value as printed, where it was read, declared): a setting read from the built model or
-        the recipe; `declared` when only the spec gives it (a row field or model_kwargs), so that it
-        can never count as a match. A list of sources is tried in order (e.g. the recipe's image
-        size for rows that have a recipe, else the model's)."""
-        sources = column.source or row.source
-        if sources is None:
-            raise KeyError("no 'source' for this setting in the spec")
-        skipped = []
-        for source in [sources] if isinstance(sources, str) else sources:
-            try:
-                value, where, declared = self._read_setting(row, column, source)
-                break
-            except SourceDoesNotApply as e:
-                skipped.append(str(e))
-        else:
-            raise KeyError("; ".join(skipped))
-        mapping = column.values or row.values or {}
-        for k, v in mapping.items():
-            if str(k).lower() == str(value).lower():
-                return str(v), where, declared
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            value = str(value)
-        return value, where, declared
-
-    def _read_setting(self, row, column, source: str):
-        if source.startswith("recipe."):
-            recipe = row.recipe or column.recipe
-            if not recipe:
-                raise SourceDoesNotApply("the row has no recipe")
-            if not (RECIPES / recipe).is_file():
-                raise SourceDoesNotApply(f"the row's recipe {recipe} is not written yet")
-            runs, why = recipe_runs(RECIPES / recipe)
-            if not runs:
-                raise RecipeDoesNotRun(f"recipe {recipe} does not build its models: {why}")
-            path = source[len("recipe."):]
-            return _dig(load_recipe(recipe), path), f"recipe {recipe}: {path}", False
-        if source.startswith("model."):
-            what = source[len("model."):]
-            value, where = self._model_attribute(row, column, what)
-            return value, f"the built model {self.target(row, column).model}: {where}", False
-        if source.startswith("model_kwargs."):
-            return _dig(row.model_kwargs, source[len("model_kwargs."):]), f"the spec's {source}", True
-        if source in ("img_size", "model", "form", "macs_convention", "baseline"):
-            return getattr(row, source), f"the spec's row field {source}", True
-        return _dig(row.settings, source), f"the spec's row field {source}", True
-
-    def _built(self, name: str, kwargs: str, form: str):
-        """The model at full size on the meta device (its structure is all settings read), kept
-        one at a time; a model whose construction needs real tensors is built for real."""
-        key = (name, kwargs, form)
-        if key not in self._models:
-            self._models.clear()
-            try:
-                model = measure.build_model(name, json.loads(kwargs), form, meta=True)
-            except (NotImplementedError, RuntimeError) as e:  # construction that needs real tensors
-                if isinstance(e, measure.MeasureError):
-                    raise
-                model = measure.build_model(name, json.loads(kwargs), form)
-            self._models[key] = model
-        return self._models[key]
-
-    def _model_attribute(self, row, column, attribute) -> tuple[object, str]:
-        """An architecture setting read off the built model (e.g. embed_dim), not off the spec."""
-        target = self.target(row, column)
-        if not target.model:
-            raise KeyError("the row has no model")
-        model = self._built(target.model, target.kwargs, target.form)
-        if attribute in measure.ARCHITECTURE_KEYS:
-            value, where = measure.architecture(model)[attribute], f"{attribute} of its blocks"
-        elif attribute == "img_size":
-            value, where = measure.input_size(model)
-        elif attribute == "idle_ratio":
-            value, where = measure.idle_ratio(model), "the idle ratio of its channel-idle FFNs"
-        elif attribute.startswith("removed_from."):
-            reference = attribute[len("removed_from."):]
-            value = measure.removed_from(model, self._reference_model(reference))
-            where = f"its blocks compared with {reference}'s"
-        else:
-            value, where = getattr(model, attribute, None), f"its attribute {attribute}"
-        if value is None:
-            raise KeyError(f"{target.model} has no attribute '{attribute}'")
-        if isinstance(value, (list, tuple)):
-            value = f"[{', '.join(map(str, value))}]"
-        return value, where
-
-    def _reference_model(self, name: str):
-        if name not in self._reference_models:
-            self._reference_models[name] = measure.build_model(name, meta=True)
-        return self._reference_models[name]
-
-    def accuracy_value(self, row, column):
-        """The cell's result.json value if its provenance says it belongs to this cell
-        (reproduce/provenance.py); otherwise None, with the reason kept for the cell's note."""
-        from reproduce import provenance
-
-        path = RUNS_DIR / self.spec.id / self.spec.run_name(row.id, column.id) / "result.json"
-        if not path.exists():
-            return None
-        try:
-            result = json.loads(path.read_text())
-        except ValueError:
-            self.refused[(row.id, column.id)] = f"{path} is not valid JSON"
-            return None
-        model = weights.column_model(self.spec.id, row.id, column.id) or self.target(row, column).model
-        value, reason = provenance.accept(self.spec, row, column, result, model, column.form or row.form)
-        if reason:
-            self.refused[(row.id, column.id)] = f"{_show(path)} refused: {reason}"
-            return None
-        self.origins[(row.id, column.id)] = provenance.origin_note(result)
-        return value
 
     # -- the cells --------------------------------------------------------------------------------
     def base_kind(self, column) -> str:
         """The measured kind behind a column: a derived column counts as the kind of its operand."""
         return self.spec.columns[column.of].kind if column.kind in DERIVED_KINDS else column.kind
-
-    def pending_accuracy_note(self, row, column) -> str:
-        if column.kind in DERIVED_KINDS:
-            return f"pending: computed from {column.of} and {column.over or 'the baseline row'}, which need ImageNet-1k"
-        refused = self.refused.get((row.id, column.id))
-        prefix = f"{refused}. " if refused else ""
-        release = weights.release_for_cell(self.spec, row.id, column.id)
-        if release is not None:  # the fast path first: minutes of evaluation instead of a training run
-            prefix += (f"released weights {release.local_name} ({release.project}): `reproduce table {self.spec.id} "
-                        f"--columns accuracy --weights DIR --data /path/to/imagenet`; or ")
-        recipe = self.spec.recipe_of(row.id, column.id)
-        if recipe and (RECIPES / recipe).exists():
-            return f"{prefix}needs ImageNet-1k: `{accuracy_command(self.spec, row.id, column.id)}`"
-        model = (weights.column_model(self.spec.id, row.id, column.id) or self.target(row, column).model
-                 or (release.model if release else None))  # the model provenance will accept for the cell
-        if model is None:  # a row of several models (one per column): its cell note names each
-            return f"{prefix}needs ImageNet-1k and the trained weights of this column's model"
-        return f"{prefix}needs ImageNet-1k and trained weights: `{self.eval_command(row, column, model)}`"
-
-    def eval_command(self, row, column, model: str) -> str:
-        """The `reproduce eval` line whose result.json provenance.accept takes for this cell: the
-        model, the row's image size and form (a default left out), written to the cell's run folder."""
-        size = f" --img-size {row.img_size}" if row.img_size != 224 else ""
-        deploy = " --deploy" if (column.form or row.form) == "deploy" else ""
-        return (f"reproduce eval {model} --checkpoint FILE --data /path/to/imagenet{size}{deploy} "
-                f"--output runs/{self.spec.id}/{self.spec.run_name(row.id, column.id)}")
 
     def cell(self, ref) -> dict | None:
         if ref.reported in NOT_REPORTED:
@@ -464,13 +183,13 @@ class TableRun:
         base = {"table": self.spec.id, "row": row.id, "model": self.target(row, column).model or "",
                 "column": column.id, "reported": ref.reported, "unit": ref.unit or column.unit,
                 "measured": "", "delta": ""}
-        notes = [n for n in (row.cell_notes.get(column.id, ""), ref.note, row.note, column.note) if n]
+        cell_notes = [n for n in (row.cell_notes.get(column.id, ""), ref.note, row.note, column.note) if n]
 
         deviation = self.spec.deviation(row.id, column.id, self.device_tag)
 
         def done(status, measured=None, extra=None, device_bound=False, spread=None):
             if extra:
-                notes.insert(0, extra)
+                cell_notes.insert(0, extra)
             if measured is not None:
                 state, delta = report.compare(ref.reported, measured, self.spec.tolerance(column), column.kind,
                                               spread=None if device_bound else spread)
@@ -481,117 +200,58 @@ class TableRun:
                                 high=report.format_measured(max(spread), ref.reported, column.kind))
                 how = report.coarser_printing(ref.reported, measured) if state == "within_tolerance" else None
                 if how:
-                    notes.insert(0, f"the printed value is the measured one {how} at the printed precision.")
+                    cell_notes.insert(0, notes.coarser_printing(how))
                 status = status or state
             if deviation and status in report.MEASURED_STATUSES:
-                said = deviation.status.replace("_", " ")
-                notes.insert(0, f"Accepted {said} (declared in {self.spec.id}.yaml): {deviation.reason}"
-                             if status == deviation.status else
-                             f"The spec declares this cell a {said} ({deviation.reason}), but it is {status} now.")
-            return {**base, "status": status, "note": " ".join(notes)}
+                cell_notes.insert(0, notes.deviation(self.spec.id, deviation.status, deviation.reason, status))
+            return {**base, "status": status, "note": " ".join(cell_notes)}
 
         if row.cited:
-            return done("cited", extra=f"cited: {row.cited}")
+            return done("cited", extra=notes.cited(row.cited))
         if column.kind == "setting":
-            return self._setting_cell(row, column, ref, done)
+            return self.settings.cell(row, column, ref, done)
         kind = self.base_kind(column)
         value = (self.derived_value(row, column) if column.kind in DERIVED_KINDS
                  else self.values.get((row.id, column.id)))
         if kind == "accuracy":
             if value is None:
-                return done("pending", extra=self.pending_accuracy_note(row, column))
+                return done("pending", extra=self.accuracy.pending_note(row, column))
             return done(None, value, extra=self.origins.get((row.id, column.id)))
         if row.pending:
-            return done("pending", extra=f"pending: {row.pending}")
+            return done("pending", extra=notes.pending(row.pending))
         target = self.target(row, column)
         if not target.model:
-            return done("pending", extra="pending: model not implemented")
+            return done("pending", extra=notes.MODEL_NOT_IMPLEMENTED)
         failure = self.failures.get(target) or (
             column.kind in DERIVED_KINDS and next((f for t, f in self.failures.items() if t.row in
                                                    (row.id, row.baseline)), None))
         if value is None and failure:
-            return done("pending", extra=f"pending: {failure}")
+            return done("pending", extra=notes.pending(failure))
         if value is None:
             if not self.wanted(kind):
                 return None  # not asked for this time: keep what the previous results said
             no_protocol = kind == "throughput" and not self.protocol_spec
-            return done("pending", extra="pending: no throughput protocol for this table" if no_protocol
-                        else "pending: not measured")
+            return done("pending", extra=notes.NO_PROTOCOL if no_protocol else notes.NOT_MEASURED)
         if column.kind == "throughput":
-            return self._throughput_cell(ref, value, done)
-        spread = self.derived_range(row, column) if kind == "throughput" else None
-        if spread:
-            low, high, how = spread
-            shown = "{:+.1f} to {:+.1f}" if column.kind == "gain" else "{:.2f} to {:.2f}"
-            notes.insert(0, ("median of per-round ratios; " if "rounds" in how else "")
-                         + f"range {shown.format(low, high)} {how}.")
-        if kind == "throughput" and not self.on_paper_device():
-            notes.append(f"Gain measured on {self.env['device']} ({self.protocol_used_text()}); the paper's is on "
-                         f"{self.protocol_spec.get('paper_device')}: gains travel better than absolute images/s, but "
-                         "the relative cost of layers (pooling, norms, matmuls) still differs between devices.")
-        return done(None, value, spread=spread[:2] if spread else None)
-
-    def _setting_cell(self, row, column, ref, done):
-        try:
-            value, where, declared = self.setting_value(row, column)
-        except measure.ModelNotImplemented as e:
-            return done("pending", extra=f"pending: {e}")
-        except RecipeDoesNotRun as e:
-            return done("pending", extra=f"pending: {e.args[0]}")
-        except (KeyError, OSError, ValueError, measure.MeasureError) as e:
-            why = e.args[0] if isinstance(e, KeyError) and e.args else e
-            return done("pending", extra=f"setting not resolvable yet ({why}); fix the spec or recipe")
-        if declared:
-            if report.compare(ref.reported, value, 0.0, "setting")[0] == "match":
-                return done("declared", extra=f"declared: {where} gives {value}; nothing reads it from a model "
-                                              "or a recipe.")
-            return done("mismatch", extra=f"the spec declares {value} ({where}), the paper prints {ref.reported}.")
-        extra = f"read from {where}."
-        sources = column.source if isinstance(column.source, list) else [column.source]
-        if any(str(x).endswith("img_size") for x in sources) and value != row.img_size:
-            extra += f" Params, MACs and throughput are measured at the spec's img_size {row.img_size}."
-        return done(None, value, extra=extra)
-
-    def on_paper_device(self) -> bool:
-        return measure.same_device(self.protocol_spec.get("paper_device", ""), self.env["device"])
-
-    def protocol_used_text(self) -> str:
-        return "; ".join(f"@{size}: {p.describe()}" for size, p in sorted(self.protocols_used.items())) or "cached"
-
-    def _throughput_cell(self, ref, value, done):
-        extra = self.notes.get((ref.row, ref.column), "")
-        paper_device = self.protocol_spec.get("paper_device", "the paper's GPU")
-        ours = self.env["device"]
-        spread = self.ranges.get((ref.row, ref.column))
-        if self.on_paper_device():
-            return done(None, value, extra, spread=spread)
-        why = (f"absolute images/s are device-bound: printed on {paper_device}, measured here on {ours} "
-               f"({extra}); the gain columns carry the comparison; to compare absolutes run "
-               f"`reproduce table {self.spec.id} --columns throughput --device cuda` on {paper_device}.")
-        return done("pending", value, extra=why, device_bound=True, spread=spread)
-
-    def collect_accuracy(self):
-        for ref in self.spec.reference.itertuples():
-            row, column = self.spec.rows[ref.row], self.spec.columns[ref.column]
-            if column.kind == "accuracy" and not row.cited:
-                value = self.accuracy_value(row, column)
-                if value is not None:
-                    self.values[(row.id, column.id)] = value
+            return self.throughput.cell(ref, value, done)
+        if kind == "throughput":
+            return self.throughput.derived_cell(row, column, value, done, cell_notes)
+        return done(None, value)
 
     def run(self) -> pd.DataFrame:
-        self.collect_accuracy()
+        self.accuracy.collect(RUNS_DIR)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=not self.show_progress, transient=True) as progress:
             if self.wanted("params") or self.wanted("macs"):
-                self.measure_static(progress)
+                self.static.measure(progress)
             if self.wanted("throughput"):
-                self.measure_throughput(progress)
+                self.throughput.measure(progress)
         cells = [self.cell(ref) for ref in self.spec.reference.itertuples()
                  if self.only is None or (ref.row, ref.column) in self.only]
         return report.cells_frame([c for c in cells if c is not None])
 
     def meta(self) -> dict:
-        meta = {"device": self.env["device"], "device tag": measure.device_tag(self.device),
+        meta = {"device": self.env["device"], "device tag": self.device_tag,
                 "software": f"torch {self.env['torch']}, timm {self.env['timm']}, python {self.env['python']}",
                 "torch threads (counting; timing: see protocol)": self.env["threads"],
                 "date": dt.date.today().isoformat(),
@@ -599,33 +259,11 @@ class TableRun:
         for key in ("cuda", "cudnn", "driver"):
             if self.env.get(key):
                 meta[key] = self.env[key]
-        if self.protocol_spec:
-            meta["paper protocol"] = self.protocol_spec.get("summary", self.protocol_spec.get("name"))
-            for size, proto in sorted(self.protocols_used.items()):
-                meta[f"protocol run here @{size}"] = proto.describe() + ", interleaved with the baseline of each gain"
-            if self.protocol_overrides:
-                meta["protocol overridden"] = ", ".join(f"{k}={v}" for k, v in self.protocol_overrides.items())
-        return meta
-
-
-def _connected_groups(items: list, pairs: list[tuple]) -> list[list]:
-    """Items joined by pairs into groups (connected components), in first-seen order."""
-    group_of = {item: [item] for item in items}
-    for a, b in pairs:
-        if group_of[a] is not group_of[b]:
-            merged = group_of[a] + group_of[b]
-            for item in merged:
-                group_of[item] = merged
-    seen, groups = set(), []
-    for item in items:
-        if id(group_of[item]) not in seen:
-            seen.add(id(group_of[item]))
-            groups.append(group_of[item])
-    return groups
+        return {**meta, **self.throughput.meta()}
 
 
 def results_paths(table_id: str, device: str, results_dir: Path | None = None) -> tuple[Path, Path]:
-    folder = Path(results_dir or RESULTS_DIR) / measure.device_tag(device)
+    folder = Path(results_dir or RESULTS_DIR) / resolve(device).tag
     return folder / f"{table_id}.csv", folder / f"{table_id}.md"
 
 

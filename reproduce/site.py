@@ -29,9 +29,9 @@ def results_folder(results_root: Path, device: str) -> Path:
     root = Path(results_root)
     if (root / device).is_dir():
         return root / device
-    from reproduce import measure
+    from reproduce.device import resolve
     try:
-        folder = root / measure.device_tag(measure.resolve_device(device))
+        folder = root / resolve(device).tag
     except Exception:  # noqa: BLE001 - any unresolvable name is the same bad input
         folder = None
     if folder is None or not folder.is_dir():

@@ -213,3 +213,16 @@ def write_accepted_result(runs_dir, table_id, row_id, top1, column=None):
               "data": {"root": "/imagenet", "split": "validation", **provenance.IMAGENET_VAL}}
     (folder / "result.json").write_text(json.dumps(result))
     return folder / "result.json"
+
+
+# --- the planted slowdowns of scripts/guard_power.py (test-only; no CLI reaches them) ----------------
+
+def guard_plants():
+    """scripts/guard_power.py as a module: its plants (slower_model, pooling, sleep_in_deploy)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "guard_power.py"
+    module_spec = importlib.util.spec_from_file_location("guard_power", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

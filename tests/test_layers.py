@@ -15,13 +15,16 @@ LAYERS = {
     "engine.cli": 4,
     "runner": 3,              # the commands' own modules: table, diff, list, plan, figures, ...
     "checks": 3,
+    "guards": 3,              # the diff's guard gains: paired timing and the rule that judges them
+    "cells": 3,               # a table's cells, one unit per kind (static, throughput, accuracy, settings)
     "coverage": 3,
     "plan": 3,
     "figures": 3,
     "site": 3,
     "submit": 3,
     "registry": 2,            # the shared core: registry, errors, files, provenance, measurement,
-    "errors": 2,              # the weights manifest, the report writer, and the training engine
+    "errors": 2,
+    "device": 2,              # the one device resolution: a Device passed down              # the weights manifest, the report writer, and the training engine
     "files": 2,
     "provenance": 2,
     "measure": 2,

@@ -83,3 +83,20 @@ def test_official_checkpoint_layout_loads_through_timm(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="cannot be downloaded"):
         timm.create_model("riformer_s12", pretrained=True)
+
+
+def test_poolformer_pools_three_by_three_as_the_official_code():
+    """A 5x5 window keeps params and MACs and costs a few % at most on a CPU, under the throughput
+    guard's 5 % tolerance (docs/benchmarking.md): the structure itself is checked here. Official
+    PoolFormer: nn.AvgPool2d(pool_size=3, stride=1, padding=pool_size//2, count_include_pad=False)."""
+    model = timm.create_model("poolformer_v1_s12")
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert len(pools) == 12
+    assert {(p.kernel_size, p.stride, p.padding, p.count_include_pad) for p in pools} == {(3, 1, 1, False)}
+
+
+def test_a_five_by_five_pooling_fails_the_structure_check(monkeypatch):
+    from helpers import guard_plants
+
+    with guard_plants().pooling(5), pytest.raises(AssertionError):
+        test_poolformer_pools_three_by_three_as_the_official_code()
