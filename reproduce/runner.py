@@ -419,7 +419,8 @@ class TableRun:
         model = self.target(row, column).model
         if column.id in weights.column_releases(self.spec.id, row.id):
             model = weights.release_of(self.spec.id, row.id, column.id).model  # that column's own model
-        value, reason = provenance.accept(self.spec, row, column, result, model, column.form or row.form)
+        value, reason = provenance.accept(self.spec, row, column, result, model, column.form or row.form,
+                                          folder=path.parent)
         if reason:
             self.refused[(row.id, column.id)] = f"{_show(path)} refused: {reason}"
             return None
