@@ -156,7 +156,8 @@ def derive(folder, result: dict, record_key: str = "evidence", stated: dict | No
                             f"{len(rows)}, e.g. {image} labelled {target}, its folder is class "
                             f"{index[class_of(image)]}): relabelled")
     found = {**metrics(rows), "classes": len(classes)}
-    for metric, value in (stated or {"top1": result.get("top1"), "top5": result.get("top5")}).items():
+    stated = {"top1": result.get("top1"), "top5": result.get("top5")} if stated is None else stated
+    for metric, value in stated.items():
         computed = found[metric.removesuffix("_deploy")]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value - computed) > TOLERANCE:
             return None, None, (f"its {metric} {value!r} disagrees with its evidence {name} ({computed:.4f} over "
