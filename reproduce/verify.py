@@ -58,8 +58,8 @@ def verify_results(path: Path, data: str | None = None, sample: int = SAMPLE, se
         folder = runner.RUNS_DIR / spec.id / spec.run_name(row.id, column.id)
         value = run.accuracy_value(row, column)
         if value is None:
-            why = run.refused.get((row.id, column.id)) or f"no {folder / 'result.json'}"
-            verdicts.append(Verdict(name, False, f"refused: {why}"))
+            why = run.refused.get((row.id, column.id)) or f"no {folder / 'result.json'} is behind it (edited by hand?)"
+            verdicts.append(Verdict(name, False, why))
             continue
         derived = report.format_measured(value, cell.reported, "accuracy")
         if derived != cell.measured:

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import read_spec, scratch_table
+from helpers import imagenet_like_predictions, read_spec, scratch_table
 
 from reproduce import cli, measure, provenance, registry, report
 
@@ -41,11 +41,11 @@ def genuine(runs, row=ROW, recipe=RECIPE, **changes):
 
     folder = runs / "riformer-2" / row
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.pt").write_bytes(b"trained weights")
+    (folder / "model.pt").write_bytes(f"trained weights of {row}".encode())  # each run its own checkpoint
     trained = load_recipe(registry.RECIPES / recipe)
     provenance.write_result(
         folder / "result.json", cell={"table": "riformer-2", "row": row, "column": None},
-        metrics={"top1": 73.64, "top5": 91.5, "images": 50000}, model=trained["model"]["name"], form="train",
+        metrics=evaluated(73.64, 91.5), model=trained["model"]["name"], form="train",
         img_size=trained["data"]["img_size"], recipe={"path": f"recipes/{recipe}"},
         weights={"path": str(folder / "model.pt"), "layout": "ours"},
         data={"root": "/imagenet", "split": "validation", "images": 50000, "classes": 1000},
@@ -64,6 +64,15 @@ def genuine(runs, row=ROW, recipe=RECIPE, **changes):
 
 
 DELETE = object()
+
+
+def evaluated(top1, top5):
+    """What engine.evaluate returns with predictions=True over an ImageNet-1k-val-shaped split."""
+    from reproduce import evidence
+
+    predictions = imagenet_like_predictions(top1, top5)
+    return {**evidence.metrics(predictions), "predictions": predictions,
+            "class_names": evidence.class_order(evidence.class_of(p[0]) for p in predictions)}
 
 
 def cell(results, row=ROW, column="top1"):
