@@ -61,6 +61,16 @@ def recipe_hash(path) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def recipe_source(recipe: str) -> str:
+    """How a setting cell's note names the recipe it was read from: its path and the short hash of
+    its resolved content (`recipe_hash`), so that any change of the recipe or of a `base:` file it
+    inherits shows in the committed results (and `reproduce diff --remeasure` fails on it)."""
+    return f"recipe {recipe} (resolved sha256 {recipe_hash(_recipe_path(recipe))[:SHORT_HASH]})"
+
+
+SHORT_HASH = 12
+
+
 def software() -> dict:
     import timm
     import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reproduce import files, measure, report, weights
+from reproduce import files, measure, provenance, report, weights
 from reproduce.buildable import recipe_runs
 from reproduce.measure import source_fingerprint
 from reproduce.registry import (DERIVED_KINDS, NOT_REPORTED, RECIPES, ROOT, TableSpec, _show, load_protocol,
@@ -348,7 +348,7 @@ class TableRun:
             if not runs:
                 raise RecipeDoesNotRun(f"recipe {recipe} does not build its models: {why}")
             path = source[len("recipe."):]
-            return _dig(load_recipe(recipe), path), f"recipe {recipe}: {path}", False
+            return _dig(load_recipe(recipe), path), f"{provenance.recipe_source(recipe)}: {path}", False
         if source.startswith("model."):
             what = source[len("model."):]
             value, where = self._model_attribute(row, column, what)

@@ -220,3 +220,22 @@ def test_a_recipe_edited_after_its_results_fails_the_remeasured_diff(table):
     assert f"re-measured {ROW}/teacher: undeclared mismatch" in outcome.output or \
            f"{ROW}/teacher: moved from soft to hard" in outcome.output, outcome.output
     assert base.is_file()
+
+
+def test_a_base_recipe_edit_no_printed_setting_shows_is_in_the_notes_and_fails_the_remeasured_diff(table):
+    """Epochs are no column of Table 2: the edit moves no printed setting, only the recipe's hash."""
+    results, _ = table
+    before = table_cell(results)
+    settings = cell(results, column="teacher")
+    short = provenance.recipe_hash(registry.RECIPES / RECIPE)[:12]
+    assert f"read from recipe {RECIPE} (resolved sha256 {short}): distill.type." in settings.note
+    base = registry.RECIPES / "riformer" / "base.yaml"
+    base.write_text(base.read_text().replace("epochs: 120", "epochs: 3"))
+    outcome = invoke("diff", "riformer-2", "--remeasure", "--results-dir", results)
+    assert outcome.exit_code == 1, outcome.output
+    now = provenance.recipe_hash(registry.RECIPES / RECIPE)[:12]
+    assert (f"recipe {RECIPE} changed since the results were written (resolved sha256 {short} -> {now}, "
+            "3 setting cell(s))") in outcome.output, outcome.output
+    assert table_cell(results).status == before.status  # regenerated: the new hash is in the note
+    assert f"(resolved sha256 {now}): distill.type." in cell(results, column="teacher").note
+    assert invoke("diff", "riformer-2", "--remeasure", "--results-dir", results).exit_code == 0
