@@ -2,7 +2,7 @@
 result belongs to the table cell it is found under.
 
 Every result.json (`reproduce eval`, `reproduce table --weights`, the end of `reproduce train`) is
-written by `write_result`, with this schema (SCHEMA = 1):
+written by `write_result`, with this schema (SCHEMA = 3):
 
     schema, table, row, column        the cell (column null: every accuracy cell of the row's run)
     top1, top5                        in %
@@ -11,7 +11,10 @@ written by `write_result`, with this schema (SCHEMA = 1):
                                                  training run names its final model.pt)
     recipe:  {path, sha256}                      for a training run (sha256 of the recipe resolved with
                                                  all its `base:` files: `recipe_hash`)
-    data:    {root, split, images, classes}
+    data:    {root, split, images, classes, files_sha256, classes_sha256}   (the split's sorted file
+                                                 list, the data root's class list)
+    evidence: {file, sha256, images}             the per-image evidence beside it (reproduce/evidence.py);
+                                                 evidence_deploy: a training run's folded form
     run_dir                           the folder it was written to (runs/<table>/<row>[--<column>])
     transform: {resize, crop, interpolation, mean, std}
     scale                             full | smoke
@@ -25,7 +28,8 @@ unchanged since: its resolved hash, epochs, model and image size), in the cell's
 size, with the cell's release's eval transform (an evaluated checkpoint of a cell the manifest
 fills), at scale full, on ImageNet-1k val (IMAGENET_VAL: 50,000 images of 1,000 classes), from the
 run folder it is found in, and if the checkpoint it names still has the sha256 it recorded. A
-result missing a field this needs is refused (one line naming the field), never trusted.
+result missing a field this needs is refused (one line naming the field), never trusted. The value
+is then derived from the evidence (`derived_value`), never read from result.json.
 """
 from __future__ import annotations
 
