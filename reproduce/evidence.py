@@ -52,7 +52,8 @@ def files_sha256(images) -> str:
 
 def class_of(image: str) -> str:
     """The class an image id names: its parent folder (timm's ImageFolder, leaf name only)."""
-    return PurePosixPath(image).parent.name
+    parts = image.rsplit("/", 2)
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def class_order(names) -> list[str]:
@@ -81,10 +82,24 @@ def write(path, predictions, header: dict) -> dict:
     return {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest(), "images": len(predictions)}
 
 
-def read(path) -> tuple[dict, list[tuple[str, int, list[int]]]]:
-    """(header, [(image, target, top5), ...]) of an evidence file; EvidenceError names what is wrong."""
+def read(path, data: bytes | None = None) -> tuple[dict, list[tuple[str, int, list[int]]]]:
+    """(header, [(image, target, top5), ...]) of an evidence file (or of its bytes `data`);
+    EvidenceError names what is wrong."""
+    data = Path(path).read_bytes() if data is None else data
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in _PARSED:  # a table reads the same run for several cells: parse each file once
+        _PARSED.clear()
+        _PARSED[digest] = _parse(path, data)
+    header, rows = _PARSED[digest]
+    return dict(header), list(rows)
+
+
+_PARSED: dict[str, tuple] = {}
+
+
+def _parse(path, data: bytes):
     try:
-        text = gzip.decompress(Path(path).read_bytes()).decode()
+        text = gzip.decompress(data).decode()
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise EvidenceError(f"{Path(path).name} is not gzip text ({err})") from None
     lines = text.splitlines()
@@ -98,7 +113,7 @@ def read(path) -> tuple[dict, list[tuple[str, int, list[int]]]]:
     for number, line in enumerate(lines[2:], start=3):
         try:
             image, target, top5 = line.split(",")
-            rows.append((image, int(target), [int(c) for c in top5.split()]))
+            rows.append((image, int(target), tuple(int(c) for c in top5.split())))
         except ValueError:
             raise EvidenceError(f"{Path(path).name} line {number} is not image,target,top5: {line[:80]!r}") from None
     return header, rows
@@ -107,7 +122,7 @@ def read(path) -> tuple[dict, list[tuple[str, int, list[int]]]]:
 def metrics(rows) -> dict:
     """Top-1/top-5 in % of evidence rows (the formula of engine.evaluate)."""
     seen = len(rows)
-    correct1 = sum(1 for _, target, top5 in rows if top5[:1] == [target])
+    correct1 = sum(1 for _, target, top5 in rows if len(top5) and top5[0] == target)
     correct5 = sum(1 for _, target, top5 in rows if target in top5[:5])
     return {"top1": 100.0 * correct1 / max(seen, 1), "top5": 100.0 * correct5 / max(seen, 1), "images": seen}
 
@@ -124,10 +139,11 @@ def derive(folder, result: dict, record_key: str = "evidence", stated: dict | No
     path = Path(folder) / name
     if not path.is_file():
         return None, None, f"its evidence {name} is missing beside result.json: evaluate it again"
-    if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
         return None, None, f"its evidence {name} changed since the run (sha256 differs): evaluate it again"
     try:
-        header, rows = read(path)
+        header, rows = read(path, data)
     except EvidenceError as err:
         return None, None, f"its evidence is unreadable: {err}"
     if header.get("run_dir") != result.get("run_dir"):
@@ -144,17 +160,17 @@ def derive(folder, result: dict, record_key: str = "evidence", stated: dict | No
     if files_sha256(images) != data.get("files_sha256"):
         return None, None, (f"its evidence's {len(images)} images are not the split's file list recorded in "
                             "result.json (data.files_sha256 differs)")
-    classes = class_order(class_of(image) for image in images)
+    folders = [class_of(image) for image in images]
+    classes = class_order(folders)
     if list_sha256(classes) != data.get("classes_sha256"):
         return None, None, (f"the {len(classes)} classes its evidence's folders name are not the data root's class "
                             "list recorded in result.json (data.classes_sha256 differs)")
     index = {c: i for i, c in enumerate(classes)}
-    wrong = [(image, target) for image, target, _ in rows if index[class_of(image)] != target]
+    wrong = [(row[0], row[1], index[folder]) for row, folder in zip(rows, folders) if index[folder] != row[1]]
     if wrong:
-        image, target = wrong[0]
+        image, target, named = wrong[0]
         return None, None, (f"its evidence's targets are not the classes their folders name ({len(wrong)} of "
-                            f"{len(rows)}, e.g. {image} labelled {target}, its folder is class "
-                            f"{index[class_of(image)]}): relabelled")
+                            f"{len(rows)}, e.g. {image} labelled {target}, its folder is class {named}): relabelled")
     found = {**metrics(rows), "classes": len(classes)}
     stated = {"top1": result.get("top1"), "top5": result.get("top5")} if stated is None else stated
     for metric, value in stated.items():
