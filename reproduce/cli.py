@@ -322,6 +322,20 @@ def weights_command(table_ids, weights_dir, download):
             raise SuiteError(f"{failed} of {len(to_fetch) - len(by_browser)} download(s) failed (one line each above)")
 
 
+def _results_files(table_ids, all_results: bool, results_dir) -> list[Path]:
+    """The results CSVs TABLE_IDS (or --all) name, for diff and verify; one line if there are none."""
+    from reproduce.checks import results_files
+
+    if not table_ids and not all_results:
+        raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
+    ids = [_table_id(t) for t in table_ids] or None
+    files = results_files(ids, results_dir)
+    if not files:
+        raise SuiteError(f"no results for {', '.join(ids or ['any table'])}; run `reproduce table "
+                         f"{(ids or ['<id>'])[0]}` first")
+    return files
+
+
 @main.command()
 @click.argument("table_ids", nargs=-1)
 @click.option("--all", "all_results", is_flag=True, help="every table with results, every device")
@@ -337,15 +351,9 @@ def weights_command(table_ids, weights_dir, download):
 def diff(table_ids, all_results, results_dir, remeasure, update, against):
     """Check results against the reference, the spec's accepted deviations and the committed results;
     exit 1 on an undeclared mismatch, a moved number, a missing result."""
-    from reproduce.checks import check_results, results_files
+    from reproduce.checks import check_results
 
-    if not table_ids and not all_results:
-        raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
-    ids = [_table_id(t) for t in table_ids] or None
-    files = results_files(ids, results_dir)
-    if not files:
-        raise SuiteError(f"no results for {', '.join(ids or ['any table'])}; run `reproduce table "
-                         f"{(ids or ['<id>'])[0]}` first")
+    files = _results_files(table_ids, all_results, results_dir)
     failed = False
     for path in files:
         name = f"{path.parent.name}/{path.name}"
@@ -378,16 +386,9 @@ def diff(table_ids, all_results, results_dir, remeasure, update, against):
 def verify(table_ids, all_results, results_dir, data, sample, seed):
     """Derive every filled accuracy cell of the results again from its per-image evidence (and with
     --data, run its checkpoint again on a sample of images); exit 1 on any cell refused or disagreeing."""
-    from reproduce.checks import results_files
     from reproduce.verify import verify_results
 
-    if not table_ids and not all_results:
-        raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
-    ids = [_table_id(t) for t in table_ids] or None
-    files = results_files(ids, results_dir)
-    if not files:
-        raise SuiteError(f"no results for {', '.join(ids or ['any table'])}; run `reproduce table "
-                         f"{(ids or ['<id>'])[0]}` first")
+    files = _results_files(table_ids, all_results, results_dir)
     cells = failed = 0
     for path in files:
         verdicts = verify_results(path, data=data, sample=sample, seed=seed)

@@ -172,8 +172,8 @@ def test_a_result_copied_from_another_cell_is_refused(table):
     refused(results, "it was written in runs/riformer-2/identity_label_hard, not in runs/riformer-2/identity_label_soft")
 
 
-def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
-    results, runs = table
+def hand_fill(results):
+    """The pending top-1 cell of ROW filled by hand in the results CSV with the printed value."""
     table_cell(results)
     path = results / measure.device_tag("cpu") / "riformer-2.csv"
     frame = report.read_results(path)
@@ -181,6 +181,11 @@ def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
     assert frame.loc[at, "status"].item() == "pending"
     frame.loc[at, ["measured", "delta", "status", "note"]] = ["73.6400", "+0.00", "match", ""]
     report.write_csv(frame, path)
+
+
+def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
+    results, runs = table
+    hand_fill(results)
     outcome = invoke("diff", "riformer-2", "--results-dir", results)
     assert outcome.exit_code == 1, outcome.output
     assert (f"{ROW}/top1: filled with 73.6400, but no accepted run is behind it "

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from helpers import one_thread  # noqa: F401
-from test_accuracy_provenance import ROW, genuine, invoke, refused, table, table_cell  # noqa: F401
+from test_accuracy_provenance import ROW, genuine, hand_fill, invoke, refused, table, table_cell  # noqa: F401
 
 from reproduce import evidence, provenance
 
@@ -143,15 +143,8 @@ def test_evidence_copied_from_another_cell_or_checkpoint_is_refused(table):
 
 
 def test_verify_fails_a_hand_filled_cell_and_reports_each_cell(table):
-    from reproduce import measure, report
-
     results, _ = table
-    table_cell(results)
-    csv = results / measure.device_tag("cpu") / "riformer-2.csv"
-    frame = report.read_results(csv)
-    at = (frame.row == ROW) & (frame.column == "top1")
-    frame.loc[at, ["measured", "delta", "status", "note"]] = ["73.6400", "+0.00", "match", ""]
-    report.write_csv(frame, csv)
+    hand_fill(results)
     verify_fails(results, "result.json is behind it (edited by hand?)")
     outcome = invoke("verify", "--all", "--results-dir", results)
     assert outcome.exit_code == 1 and "1 filled accuracy cell(s): 0 verified, 1 failed" in outcome.output
