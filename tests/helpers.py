@@ -231,6 +231,16 @@ def imagenet_like_predictions(top1, top5, images=50000, classes=1000):
     return predictions
 
 
+def evaluated(top1, top5):
+    """What engine.evaluate returns with predictions=True over an ImageNet-1k-val-shaped split whose
+    top-1/top-5 are `top1`/`top5` %: the metrics, per-image predictions and class names."""
+    from reproduce import evidence
+
+    predictions = imagenet_like_predictions(top1, top5)
+    return {**evidence.metrics(predictions), "predictions": predictions,
+            "class_names": evidence.class_order(evidence.class_of(p[0]) for p in predictions)}
+
+
 def attach_evidence(result: dict, folder, predictions=None, name="evidence.csv.gz", record="evidence"):
     """Write the evidence of `predictions` (default: ImageNet-1k-val-shaped ones of the result's
     top1/top5) into `folder` as the evaluation would, and record it in `result` (its top1/top5 set to

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import imagenet_like_predictions, read_spec, scratch_table
+from helpers import evaluated, read_spec, scratch_table
 
 from reproduce import cli, measure, provenance, registry, report
 
@@ -64,15 +64,6 @@ def genuine(runs, row=ROW, recipe=RECIPE, **changes):
 
 
 DELETE = object()
-
-
-def evaluated(top1, top5):
-    """What engine.evaluate returns with predictions=True over an ImageNet-1k-val-shaped split."""
-    from reproduce import evidence
-
-    predictions = imagenet_like_predictions(top1, top5)
-    return {**evidence.metrics(predictions), "predictions": predictions,
-            "class_names": evidence.class_order(evidence.class_of(p[0]) for p in predictions)}
 
 
 def cell(results, row=ROW, column="top1"):
