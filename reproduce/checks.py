@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,7 @@ def check_results(path: Path, remeasure: bool = False, against: str = "auto", up
         problems, _ = reference_problems(spec, fresh, device_tag, complete=False)
         found.problems += [f"re-measured {p}" for p in problems]
         found.moved += [f"re-measured {m}" for m in moves]
+        failures += recipe_changes(spec, frame, fresh)
         failures += [v.line() for v in verdicts if not v.holds]
         found.moved += [v.line() for v in verdicts if v.holds]
         if update:
@@ -274,6 +276,23 @@ def check_results(path: Path, remeasure: bool = False, against: str = "auto", up
         else:
             found.problems += failures
     return found
+
+
+RECIPE_SOURCE = re.compile(r"recipe (\S+) \(resolved sha256 ([0-9a-f]+)\)")  # provenance.recipe_source
+
+
+def recipe_changes(spec, committed: pd.DataFrame, fresh: pd.DataFrame) -> list[str]:
+    """One line per recipe whose resolved content (the hash in its setting cells' notes) is not the
+    one the results were written with, even where no printed setting moved."""
+    before = {(r.row, r.column): RECIPE_SOURCE.search(r.note or "") for r in committed.itertuples()}
+    changed: dict[str, list] = {}  # recipe -> [hash in the results, hash now, cells]
+    for cell in fresh.itertuples():
+        now, old = RECIPE_SOURCE.search(cell.note or ""), before.get((cell.row, cell.column))
+        if now and (old is None or old.group(2) != now.group(2)):
+            changed.setdefault(now.group(1), [old.group(2) if old else "none", now.group(2), 0])[2] += 1
+    return [f"recipe {recipe} changed since the results were written (resolved sha256 {was} -> {now}, "
+            f"{count} setting cell(s)): `reproduce table {spec.id} --columns settings`, review, commit"
+            for recipe, (was, now, count) in changed.items()]
 
 
 def _remeasure(spec, device: str, show_progress: bool, results: pd.DataFrame | None = None):

@@ -3,6 +3,7 @@
     reproduce list                         every table and what the suite covers of it
     reproduce table riformer-6             measure a table, write results/<device>/riformer-6.{csv,md}
     reproduce diff riformer-6              results vs reference, declared deviations and committed results
+    reproduce verify riformer-6            every filled accuracy cell derived again from its per-image evidence
     reproduce all-tables                   every table at this machine's scale
     reproduce bench riformer_s12 ...       ad-hoc throughput with the same harness
     reproduce plan --all                   what the pending accuracy cells cost to fill (estimates)
@@ -326,6 +327,20 @@ def weights_command(table_ids, weights_dir, download):
             raise SuiteError(f"{failed} of {len(to_fetch) - len(by_browser)} download(s) failed (one line each above)")
 
 
+def _results_files(table_ids, all_results: bool, results_dir) -> list[Path]:
+    """The results CSVs TABLE_IDS (or --all) name, for diff and verify; one line if there are none."""
+    from reproduce.checks import results_files
+
+    if not table_ids and not all_results:
+        raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
+    ids = [_table_id(t) for t in table_ids] or None
+    files = results_files(ids, results_dir)
+    if not files:
+        raise SuiteError(f"no results for {', '.join(ids or ['any table'])}; run `reproduce table "
+                         f"{(ids or ['<id>'])[0]}` first")
+    return files
+
+
 @main.command()
 @click.argument("table_ids", nargs=-1)
 @click.option("--all", "all_results", is_flag=True, help="every table with results, every device")
@@ -341,15 +356,9 @@ def weights_command(table_ids, weights_dir, download):
 def diff(table_ids, all_results, results_dir, remeasure, update, against):
     """Check results against the reference, the spec's accepted deviations and the committed results;
     exit 1 on an undeclared mismatch, a moved number, a missing result."""
-    from reproduce.checks import check_results, results_files
+    from reproduce.checks import check_results
 
-    if not table_ids and not all_results:
-        raise SuiteError("name a table id (e.g. riformer-6) or pass --all")
-    ids = [_table_id(t) for t in table_ids] or None
-    files = results_files(ids, results_dir)
-    if not files:
-        raise SuiteError(f"no results for {', '.join(ids or ['any table'])}; run `reproduce table "
-                         f"{(ids or ['<id>'])[0]}` first")
+    files = _results_files(table_ids, all_results, results_dir)
     failed = False
     for path in files:
         name = f"{path.parent.name}/{path.name}"
@@ -368,6 +377,33 @@ def diff(table_ids, all_results, results_dir, remeasure, update, against):
         if found.accepted:
             console.print(f"[cyan]accepted[/] {name}: commit it to make it the baseline", highlight=False)
         failed |= bool(found.problems)
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("table_ids", nargs=-1)
+@click.option("--all", "all_results", is_flag=True, help="every table with results, every device")
+@click.option("--results-dir", type=click.Path(path_type=Path))
+@click.option("--data", default=None, help="ImageNet-1k root: also run each cell's checkpoint again on a sample")
+@click.option("--sample", type=click.IntRange(min=1), default=256, show_default=True,
+              help="images per cell re-run with --data (a seeded choice among its evidence's)")
+@click.option("--seed", default=0, show_default=True, help="seed of the --data sample")
+def verify(table_ids, all_results, results_dir, data, sample, seed):
+    """Derive every filled accuracy cell of the results again from its per-image evidence (and with
+    --data, run its checkpoint again on a sample of images); exit 1 on any cell refused or disagreeing."""
+    from reproduce.verify import verify_results
+
+    files = _results_files(table_ids, all_results, results_dir)
+    cells = failed = 0
+    for path in files:
+        verdicts = verify_results(path, data=data, sample=sample, seed=seed)
+        for v in verdicts:
+            console.print(f"[green]ok[/] {v.cell}: {v.line}" if v.ok else f"[red]FAIL[/] {v.cell}: {v.line}",
+                          highlight=False)
+        if not verdicts:
+            console.print(f"{path.parent.name}/{path.stem}: no filled accuracy cell to verify", highlight=False)
+        cells, failed = cells + len(verdicts), failed + sum(not v.ok for v in verdicts)
+    console.print(f"{cells} filled accuracy cell(s): {cells - failed} verified, {failed} failed", highlight=False)
     sys.exit(1 if failed else 0)
 
 

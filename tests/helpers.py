@@ -195,7 +195,8 @@ def rewrite_spec(spec):
 
 def write_accepted_result(runs_dir, table_id, row_id, top1, column=None):
     """A result.json the runner accepts for that cell: released weights evaluated on ImageNet-1k val
-    (a stand-in weights file beside it; reproduce/provenance.py's rules)."""
+    (a stand-in weights file beside it, and per-image evidence of that top-1; reproduce/provenance.py's
+    rules)."""
     import json
 
     from reproduce import provenance, registry
@@ -211,6 +212,7 @@ def write_accepted_result(runs_dir, table_id, row_id, top1, column=None):
               "run_dir": f"{table_id}/{folder.name}",
               "weights": {"path": str(weights), "sha256": provenance.file_sha256(weights)},
               "data": {"root": "/imagenet", "split": "validation", **provenance.IMAGENET_VAL}}
+    attach_evidence(result, folder)
     (folder / "result.json").write_text(json.dumps(result))
     return folder / "result.json"
 
@@ -226,3 +228,49 @@ def guard_plants():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def imagenet_like_predictions(top1, top5, images=50000, classes=1000):
+    """Per-image predictions [(image id, target, top-5)] over an ImageNet-1k-val-shaped split
+    (`images` ids n<class>/ILSVRC2012_val_<i>.JPEG, `classes` folders) whose top-1 and top-5 are
+    `top1`/`top5` % (rounded to whole images)."""
+    hits1, hits5 = round(top1 * images / 100), round(top5 * images / 100)
+    predictions = []
+    for i in range(images):
+        target = i % classes
+        others = [(target + k) % classes for k in range(1, 6)]
+        top = [target, *others[:4]] if i < hits1 else [others[0], target, *others[1:4]] if i < hits5 else others
+        predictions.append((f"n{target:08d}/ILSVRC2012_val_{i + 1:08d}.JPEG", target, top))
+    return predictions
+
+
+def evaluated(top1, top5):
+    """What engine.evaluate returns with predictions=True over an ImageNet-1k-val-shaped split whose
+    top-1/top-5 are `top1`/`top5` %: the metrics, per-image predictions and class names."""
+    from reproduce import evidence
+
+    predictions = imagenet_like_predictions(top1, top5)
+    return {**evidence.metrics(predictions), "predictions": predictions,
+            "class_names": evidence.class_order(evidence.class_of(p[0]) for p in predictions)}
+
+
+def attach_evidence(result: dict, folder, predictions=None, name="evidence.csv.gz", record="evidence"):
+    """Write the evidence of `predictions` (default: ImageNet-1k-val-shaped ones of the result's
+    top1/top5) into `folder` as the evaluation would, and record it in `result` (its top1/top5 set to
+    the evidence's exact values); returns the predictions."""
+    from reproduce import evidence
+
+    if predictions is None:
+        data = result["data"]
+        predictions = imagenet_like_predictions(result["top1"], result["top5"], data["images"], data["classes"])
+    header = {"run_dir": result["run_dir"], "checkpoint_sha256": result["weights"]["sha256"],
+              "model": result.get("model"), "form": result.get("form"), "img_size": result.get("img_size"),
+              "split": result["data"]["split"]}
+    result[record] = evidence.write(Path(folder) / name, predictions, header)
+    result["data"]["files_sha256"] = evidence.files_sha256(p[0] for p in predictions)
+    result["data"]["classes_sha256"] = evidence.list_sha256(evidence.class_order(evidence.class_of(p[0])
+                                                                               for p in predictions))
+    found = evidence.metrics(predictions)
+    if record == "evidence":
+        result["top1"], result["top5"] = found["top1"], found["top5"]
+    return predictions

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import read_spec, scratch_table
+from helpers import evaluated, read_spec, scratch_table
 
 from reproduce import cli, measure, provenance, registry, report
 
@@ -41,11 +41,11 @@ def genuine(runs, row=ROW, recipe=RECIPE, **changes):
 
     folder = runs / "riformer-2" / row
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.pt").write_bytes(b"trained weights")
+    (folder / "model.pt").write_bytes(f"trained weights of {row}".encode())  # each run its own checkpoint
     trained = load_recipe(registry.RECIPES / recipe)
     provenance.write_result(
         folder / "result.json", cell={"table": "riformer-2", "row": row, "column": None},
-        metrics={"top1": 73.64, "top5": 91.5, "images": 50000}, model=trained["model"]["name"], form="train",
+        metrics=evaluated(73.64, 91.5), model=trained["model"]["name"], form="train",
         img_size=trained["data"]["img_size"], recipe={"path": f"recipes/{recipe}"},
         weights={"path": str(folder / "model.pt"), "layout": "ours"},
         data={"root": "/imagenet", "split": "validation", "images": 50000, "classes": 1000},
@@ -163,8 +163,8 @@ def test_a_result_copied_from_another_cell_is_refused(table):
     refused(results, "it was written in runs/riformer-2/identity_label_hard, not in runs/riformer-2/identity_label_soft")
 
 
-def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
-    results, runs = table
+def hand_fill(results):
+    """The pending top-1 cell of ROW filled by hand in the results CSV with the printed value."""
     table_cell(results)
     path = results / measure.device_tag("cpu") / "riformer-2.csv"
     frame = report.read_results(path)
@@ -172,6 +172,11 @@ def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
     assert frame.loc[at, "status"].item() == "pending"
     frame.loc[at, ["measured", "delta", "status", "note"]] = ["73.6400", "+0.00", "match", ""]
     report.write_csv(frame, path)
+
+
+def test_a_pending_cell_edited_in_the_results_csv_fails_the_diff(table):
+    results, runs = table
+    hand_fill(results)
     outcome = invoke("diff", "riformer-2", "--results-dir", results)
     assert outcome.exit_code == 1, outcome.output
     assert (f"{ROW}/top1: filled with 73.6400, but no accepted run is behind it "
@@ -211,3 +216,22 @@ def test_a_recipe_edited_after_its_results_fails_the_remeasured_diff(table):
     assert f"re-measured {ROW}/teacher: undeclared mismatch" in outcome.output or \
            f"{ROW}/teacher: moved from soft to hard" in outcome.output, outcome.output
     assert base.is_file()
+
+
+def test_a_base_recipe_edit_no_printed_setting_shows_is_in_the_notes_and_fails_the_remeasured_diff(table):
+    """Epochs are no column of Table 2: the edit moves no printed setting, only the recipe's hash."""
+    results, _ = table
+    before = table_cell(results)
+    settings = cell(results, column="teacher")
+    short = provenance.recipe_hash(registry.RECIPES / RECIPE)[:12]
+    assert f"read from recipe {RECIPE} (resolved sha256 {short}): distill.type." in settings.note
+    base = registry.RECIPES / "riformer" / "base.yaml"
+    base.write_text(base.read_text().replace("epochs: 120", "epochs: 3"))
+    outcome = invoke("diff", "riformer-2", "--remeasure", "--results-dir", results)
+    assert outcome.exit_code == 1, outcome.output
+    now = provenance.recipe_hash(registry.RECIPES / RECIPE)[:12]
+    assert (f"recipe {RECIPE} changed since the results were written (resolved sha256 {short} -> {now}, "
+            "3 setting cell(s))") in outcome.output, outcome.output
+    assert table_cell(results).status == before.status  # regenerated: the new hash is in the note
+    assert f"(resolved sha256 {now}): distill.type." in cell(results, column="teacher").note
+    assert invoke("diff", "riformer-2", "--remeasure", "--results-dir", results).exit_code == 0

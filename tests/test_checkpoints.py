@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import riformer  # noqa: F401
 import timm
-from helpers import one_thread  # noqa: F401
+from helpers import attach_evidence, one_thread  # noqa: F401
 from reproduce import provenance, runner, weights
 from reproduce.cli import main
 from reproduce.engine.data import make_generated_dataset
@@ -204,7 +204,7 @@ def test_bad_checkpoints_are_one_line_errors(kind, tmp_path, tiny_data):
 
 def _result(spec_id="riformer-6", row="poolformer_s12", column=None, images=50000, classes=1000, path=None, **kw):
     weights_path = path
-    return {"schema": provenance.SCHEMA, "table": spec_id, "row": row, "column": column, "top1": 77.2, "top5": 93.5,
+    result = {"schema": provenance.SCHEMA, "table": spec_id, "row": row, "column": column, "top1": 77.2, "top5": 93.5,
             "model": kw.get("model", "poolformer_v1_s12"), "form": kw.get("form", "train"),
             "img_size": kw.get("img_size", 224), "scale": "full",
             "run_dir": kw.get("run_dir", f"{spec_id}/{row}" + (f"--{column}" if column else "")),
@@ -213,6 +213,8 @@ def _result(spec_id="riformer-6", row="poolformer_s12", column=None, images=5000
             # sail-sg/poolformer default_cfgs poolformer_s crop_pct 0.9: resize 248, crop 224 (the manifest's)
             "transform": kw.get("transform", {"resize": 248, "crop": 224, "interpolation": "bicubic",
                                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})}
+    attach_evidence(result, Path(weights_path).parent)  # beside it, as `reproduce eval` writes it
+    return result
 
 
 def test_acceptance_refuses_what_does_not_belong_to_the_cell(tmp_path):
@@ -222,7 +224,7 @@ def test_acceptance_refuses_what_does_not_belong_to_the_cell(tmp_path):
     ckpt.write_bytes(b"weights")
 
     def check(result):
-        return provenance.accept(spec, row, column, result, "poolformer_v1_s12", "train")
+        return provenance.accept(spec, row, column, result, "poolformer_v1_s12", "train", folder=tmp_path)
 
     assert check(_result(path=ckpt)) == (77.2, None)
     assert "not of riformer-6/poolformer_s12" in check(_result(row="poolformer_s24", path=ckpt))[1]
@@ -249,11 +251,11 @@ def test_sit_tables_need_one_run_per_cell(tmp_path):
     ckpt = tmp_path / "w.pth"
     ckpt.write_bytes(b"w")
     result = _result("sit-6", "ratio_0_75", None, path=ckpt, model="sit_ti")
-    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
+    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train", tmp_path)[1]
     result["column"] = "top1_frd"
-    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train")[1]
-    result["column"], result["run_dir"] = "top1_hard", "sit-6/ratio_0_75--top1_hard"
-    assert provenance.accept(spec, row, column, result, "sit_ti", "train") == (77.2, None)
+    assert "needs its own run" in provenance.accept(spec, row, column, result, "sit_ti", "train", tmp_path)[1]
+    result = _result("sit-6", "ratio_0_75", "top1_hard", path=ckpt, model="sit_ti")
+    assert provenance.accept(spec, row, column, result, "sit_ti", "train", tmp_path) == (77.2, None)
 
 
 def test_manifest_api():
@@ -298,7 +300,8 @@ def test_table_with_released_weights_end_to_end(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     for row, file in (("poolformer_s12", "poolformer_s12.pth.tar"), ("pvt_small", "pvt_small.pth"),
                       ("gfnet_h_ti", "gfnet-h-ti.pth")):
-        assert cells.loc[row, "status"] != "pending" and f"released weights {file}" in cells.loc[row, "note"]
+        assert cells.loc[row, "status"] != "pending" and f"released weights {file}" in cells.loc[row, "note"], \
+            cells.loc[row, "note"]
     assert cells.loc["riformer_s12", "status"] == "pending"
 
 

@@ -92,6 +92,14 @@ def test_smoke_run_of_every_family(tmp_path, generated, family):
     assert ("teacher_top1" in saved) == (family != "ce")  # Table 5 prints the teacher's accuracy too
     assert (tmp_path / "model_deploy.pt").exists() == result["model"].startswith("riformer")
     assert saved["top1_train"] == saved["top1_deploy"] == saved["top1"]  # the fold is exact
+    # the last epoch's per-image evidence, both forms: the numbers derive from it
+    from reproduce import evidence
+
+    found, rows, reason = evidence.derive(tmp_path, saved)
+    assert reason is None and found["images"] == len(rows) == 16 and found["top1"] == saved["top1"]
+    assert all(evidence.class_of(image) == f"class_{target}" for image, target, _ in rows)
+    found, _, reason = evidence.derive(tmp_path, saved, "evidence_deploy", {"top1_deploy": saved["top1_deploy"]})
+    assert reason is None and found["top1"] == saved["top1_deploy"]
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, generated, monkeypatch):

@@ -50,3 +50,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, base):
     w1, w2 = torch.load(tmp_path / "one" / "model.pt"), torch.load(tmp_path / "two" / "model.pt")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= WEIGHT_ATOL
     assert "--nproc 2" in json.loads((tmp_path / "two" / "result.json").read_text())["command"]
+    from reproduce import evidence  # each process's shard of the evidence gathered: the whole split, once
+
+    shards = [evidence.read(tmp_path / run / evidence.FILE)[1] for run in ("one", "two")]
+    assert [r[:2] for r in shards[0]] == [r[:2] for r in shards[1]] and len(shards[1]) == 16

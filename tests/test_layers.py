@@ -22,11 +22,13 @@ LAYERS = {
     "figures": 3,
     "site": 3,
     "submit": 3,
+    "verify": 3,
     "registry": 2,            # the shared core: registry, errors, files, provenance, measurement,
     "errors": 2,
     "device": 2,              # the one device resolution: a Device passed down              # the weights manifest, the report writer, and the training engine
     "files": 2,
     "provenance": 2,
+    "evidence": 2,
     "measure": 2,
     "op_counters": 2,
     "report": 2,

@@ -107,12 +107,14 @@ def test_a_row_with_one_recipe_per_column_gives_each_cell_its_own_run(scratch_si
     monkeypatch.setattr(runner, "RUNS_DIR", tmp_path / "runs")
     folder = tmp_path / "runs" / "sit-5" / "scratch--self"
     folder.mkdir(parents=True)
+    from helpers import evaluated
+
     from reproduce import provenance
 
     (folder / "model.pt").write_bytes(b"trained")  # what `reproduce train` leaves beside its result
     trained = registry.load_recipe("sit/table5/scratch_self.yaml")
     provenance.write_result(folder / "result.json", cell={"table": "sit-5", "row": "scratch", "column": "self"},
-                            metrics={"top1": 79.5, "top5": 95.0}, model=trained["model"]["name"], form="deploy",
+                            metrics=evaluated(79.5, 95.0), model=trained["model"]["name"], form="deploy",
                             img_size=224, recipe={"path": "recipes/sit/table5/scratch_self.yaml"}, transform={},
                             scale="full", weights={"path": str(folder / "model.pt")}, epochs=trained["epochs"],
                             data={"root": "/imagenet", "split": "validation", "images": 50000, "classes": 1000},

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import scratch_table
 
-from reproduce import cli, measure, registry, report, runner
+from reproduce import cli, measure, provenance, registry, report, runner
 
 DEVICE = measure.device_tag("cpu")
 
@@ -79,6 +79,7 @@ def test_image_sizes_are_read_from_the_recipe_else_from_the_model(tmp_path, monk
     assert cells.loc["deit_s", "status"] == "match"
     assert cells.loc["deit_s", "note"].startswith("read from the built model deit_small_patch16_224: its patch embedding.")
     assert "measured at the spec's img_size 384" in cells.loc["deit_s", "note"]
+    short = provenance.recipe_hash(registry.RECIPES / "riformer/table6/riformer_s12_384.yaml")[:12]
     assert cells.loc["riformer_s12_384", "note"].startswith(
-        "read from recipe riformer/table6/riformer_s12_384.yaml: data.img_size.")
+        f"read from recipe riformer/table6/riformer_s12_384.yaml (resolved sha256 {short}): data.img_size.")
     registry.load_table.cache_clear()

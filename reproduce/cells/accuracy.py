@@ -33,7 +33,8 @@ class Accuracy:
             self.refused[(row.id, column.id)] = notes.not_json(path)
             return None
         model = weights.column_model(spec.id, row.id, column.id) or self.run.target(row, column).model
-        value, reason = provenance.accept(spec, row, column, result, model, column.form or row.form)
+        value, reason = provenance.accept(spec, row, column, result, model, column.form or row.form,
+                                          folder=path.parent)
         if reason:
             self.refused[(row.id, column.id)] = notes.refused(_show(path), reason)
             return None

@@ -70,7 +70,7 @@ class Settings:
             if not runs:
                 raise RecipeDoesNotRun(f"recipe {recipe} does not build its models: {why}")
             path = source[len("recipe."):]
-            return _dig(load_recipe(recipe), path), f"recipe {recipe}: {path}", False
+            return _dig(load_recipe(recipe), path), f"{provenance.recipe_source(recipe)}: {path}", False
         if source.startswith("model."):
             what = source[len("model."):]
             value, where = self._model_attribute(row, column, what)

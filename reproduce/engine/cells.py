@@ -63,7 +63,8 @@ def evaluate_into_cell(model, checkpoint, data, *, transform, img_size, form, ou
             Path(output) / "result.json", cell=cell, metrics=result, model=model, form=form, img_size=img_size,
             weights={"path": str(Path(checkpoint).resolve()), "release": release, "layout": result["layout"]},
             data={"root": str(data), "split": split, "images": result["images"], "classes": result["classes"]},
-            transform=transform, scale="full", device=result["device"])
+            transform=transform, scale="full", device=result["device"], num_classes=num_classes,
+            model_kwargs=model_kwargs or {})  # how `reproduce verify --data` builds the model again
     return result
 
 

@@ -320,20 +320,22 @@ def deploy_form(run, metrics: dict):
     A fold that changes the function beyond float noise fails the run: the logits of both forms on
     one validation batch in float32, and the two top-1s over the whole split, must agree."""
     if not has_deploy_form(run.model):
-        return None, {"top1_train": metrics["top1"], "top1_deploy": metrics["top1"], "deploy_form": False}
+        return None, {"top1_train": metrics["top1"], "top1_deploy": metrics["top1"], "deploy_form": False}, \
+            metrics.get("predictions")
     if all(is_deployed(m) for m in run.model.modules() if callable(getattr(m, "switch_to_deploy", None))):
         return run.model, {"top1_train": metrics["top1"], "top1_deploy": metrics["top1"], "deploy_form": True,
-                           "fold_error": 0.0}  # trained in its deploy form (Table 1's identity rows)
+                           "fold_error": 0.0}, metrics.get("predictions")  # trained deployed (Table 1's identity rows)
     folded = deploy(copy.deepcopy(run.model).eval())
     error = fold_error(run.model, folded, next(iter(run.val_loader))[0][:8].to(run.ctx.device))
-    top1 = evaluate(folded, run.val_loader, run.ctx, run.amp)["top1"]
+    deployed = evaluate(folded, run.val_loader, run.ctx, run.amp, predictions=True)
+    top1 = deployed["top1"]
     failed = distributed.sum_across(run.ctx, float(error > FOLD_TOLERANCE))[0]
     if failed or abs(top1 - metrics["top1"]) > TOP1_TOLERANCE:
         raise EngineError(f"the folded model does not compute what the trained one does (relative logit error "
                           f"{error:.2e}, top-1 {metrics['top1']:.2f} trained vs {top1:.2f} folded): the fold of "
                           f"{type(run.model).__name__} is not exact; {run.output / 'model.pt'} is kept")
     return folded, {"top1_train": metrics["top1"], "top1_deploy": top1, "deploy_form": True,
-                    "fold_error": error}
+                    "fold_error": error}, deployed["predictions"]
 
 
 def finish(run, metrics: dict, info: dict) -> dict:
@@ -344,7 +346,7 @@ def finish(run, metrics: dict, info: dict) -> dict:
     result = {"top1": metrics["top1"], "top5": metrics["top5"]}
     if run.ctx.is_main:
         checkpoint.save_torch(run.model.state_dict(), run.output / "model.pt")
-    folded, forms = deploy_form(run, metrics)  # both forms evaluated; an inexact fold fails here
+    folded, forms, deploy_predictions = deploy_form(run, metrics)  # both forms evaluated; an inexact fold fails
     result.update(forms)
     if run.ctx.is_main:
         if folded is not None:
@@ -359,7 +361,7 @@ def finish(run, metrics: dict, info: dict) -> dict:
                   "classes": run.recipe["model"]["num_classes"]},
             transform=run.eval_transform,
             scale=run.recipe["scale"], device=str(run.ctx.device), command=info.get("command") or None,
-            epochs=run.total_epochs, **extra, **forms)
+            deploy_predictions=deploy_predictions, epochs=run.total_epochs, **extra, **forms)
     return result
 
 
@@ -391,8 +393,10 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
             while run.epoch < run.total_epochs:
                 start = time.time()
                 losses = train_one_epoch(run, progress)
-                metrics = evaluate(run.model, run.val_loader, ctx, run.amp)
-                line = {"epoch": run.epoch, "lr": run.optimizer.param_groups[0]["lr"], **losses, **metrics}
+                # the last epoch's per-image predictions are the evidence its result.json is derived from
+                metrics = evaluate(run.model, run.val_loader, ctx, run.amp, predictions=run.epoch + 1 == run.total_epochs)
+                line = {"epoch": run.epoch, "lr": run.optimizer.param_groups[0]["lr"], **losses,
+                        **{k: v for k, v in metrics.items() if k not in ("predictions", "class_names")}}
                 if run.ema is not None:
                     line.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.val_loader, ctx, run.amp).items()})
                 run.epoch += 1
@@ -402,7 +406,7 @@ def train(recipe: dict, *, data: str | None, output, resume: bool = False, info:
                     progress.console.print(f"epoch {run.epoch}/{run.total_epochs}  loss {losses['loss']:.4f}  "
                                            f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}")
         if math.isnan(metrics["top1"]):  # resumed after the last epoch: evaluate what the checkpoint holds
-            metrics = evaluate(run.model, run.val_loader, ctx, run.amp)
+            metrics = evaluate(run.model, run.val_loader, ctx, run.amp, predictions=True)
         return finish(run, metrics, info)
     finally:
         # DDP's reducer must be gone before its process group: freed after destroy_process_group
