@@ -1,0 +1,157 @@
+"""`reproduce submit --cluster slurm` on a real one-node SLURM started on this machine
+(scripts/slurm_local.sh: Debian's slurm-wlm and munge), not a mock.
+
+Two smoke-scale cells of riformer-2 go out as two jobs. One is stopped after its first checkpoint
+(`scontrol suspend`, so that the moment is exact), requeued with `scontrol requeue` (SLURM kills it:
+SIGTERM, SIGKILL 2 s later) and started again; its next start resumes from the run folder's
+checkpoint.pt and ends with the same weights as an uninterrupted run. Both run folders then hold a
+result.json whose provenance is refused for one reason only: the smoke scale. Run with
+`python -m pytest -q -m slurm --runslurm tests/test_submit_slurm.py` (root; CI runs it, ~3 minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm_local.sh"
+TABLE = "riformer-2"
+REQUEUED, PLAIN = "identity_label_no_teacher", "identity_label_hard"
+SMOKE_REFUSAL = "scale 'smoke': only a full run fills a cell"
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node SLURM (started here unless one is up; stopped after if this fixture started it)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting SLURM needs root (apt-get, munged, slurmd)")
+    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode == 0
+    started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+    assert started.returncode == 0, f"slurm did not start:\n{started.stdout}\n{started.stderr}"
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """The suite's code and recipes in a scratch checkout, so that its runs/ is the test's own."""
+    root = tmp_path_factory.mktemp("checkout")
+    for name in ("reproduce", "riformer", "recipes", "results/reference"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def reproduce(tree: Path, *args, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "reproduce.cli", *args], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, f"reproduce {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def scontrol(*args) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def state(job_id: str) -> str:
+    words = scontrol("show", "job", "-o", job_id).split()
+    return next(w.removeprefix("JobState=") for w in words if w.startswith("JobState="))
+
+
+def wait_for(condition, seconds: float, what: str, poll: float = 0.05):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+def epoch_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
+    runs = tree / "runs" / TABLE
+    # the same cell trained without interruption, for the weights it must end with (started first: it runs beside)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "-m", "reproduce.cli", "train", TABLE, REQUEUED, "--scale", "smoke", "--output",
+         str(tree / "uninterrupted")], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    submitted = reproduce(tree, "submit", TABLE, REQUEUED, PLAIN, "--cluster", "slurm", "--scale", "smoke")
+    jobs = {entry["run"]: entry for entry in json.loads((tree / "runs" / "jobs.json").read_text())["jobs"]}
+    assert set(jobs) == {REQUEUED, PLAIN}, submitted.stdout
+    assert jobs[REQUEUED]["cells"] == [f"{REQUEUED}/top1"] and jobs[PLAIN]["cluster"] == "slurm"
+    assert f"{TABLE}/{REQUEUED}: slurm job {jobs[REQUEUED]['job_id']} fills {REQUEUED}/top1" in submitted.stdout
+    job = jobs[REQUEUED]["job_id"]
+
+    # stop it right after its first checkpoint, then requeue it: SLURM kills it and starts it again
+    checkpoint = runs / REQUEUED / "checkpoint.pt"
+    wait_for(checkpoint.is_file, 300, f"{checkpoint}")
+    scontrol("suspend", job)
+    assert epoch_of(checkpoint) == 1 and not (runs / REQUEUED / "result.json").exists()
+    scontrol("requeue", job)
+    wait_for(lambda: state(job) == "PENDING", 60, f"job {job} requeued to PENDING", poll=0.2)
+    assert epoch_of(checkpoint) == 1  # nothing lost: the killed run's checkpoint is intact
+    # a run that is pending (or running) is not submitted twice
+    again = reproduce(tree, "submit", TABLE, REQUEUED, "--cluster", "slurm", "--scale", "smoke", check=False)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert f"{TABLE}/{REQUEUED} is already pending as slurm job {job}" in again.stderr, again.stderr
+    scontrol("release", job)  # a job requeued while suspended is held; and SLURM delays a requeued job's start
+    scontrol("update", f"JobId={job}", "StartTime=now")
+
+    for run in (REQUEUED, PLAIN):
+        wait_for(lambda: state(jobs[run]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED"), 420,
+                 f"job {jobs[run]['job_id']} ({run}) to end", poll=0.5)
+    listing = reproduce(tree, "jobs", TABLE).stdout
+    log = (runs / REQUEUED / "submitit" / f"{job}_0_log.out").read_text()
+    for run in (REQUEUED, PLAIN):
+        assert state(jobs[run]["job_id"]) == "COMPLETED", f"{run}:\n{listing}\n{log}"
+
+    # the requeued job resumed from its checkpoint: one start from scratch, one resume at epoch 1, each epoch once
+    assert log.count(f"job {job} (task 0/1") == 2, log
+    assert f"resuming from {checkpoint} at epoch 1" in log, log
+    assert "Restarts=1" in scontrol("show", "job", job)
+    epochs = [json.loads(line)["epoch"] for line in (runs / REQUEUED / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1], epochs
+    assert epoch_of(checkpoint) == 2
+
+    # and ends where the uninterrupted run ends, bit for bit
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stdout.read()
+    ours = torch.load(runs / REQUEUED / "model.pt", weights_only=True)
+    reference = torch.load(tree / "uninterrupted" / "model.pt", weights_only=True)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+    # both cells' results pass provenance up to the scale, and only the scale refuses them
+    from reproduce import provenance
+    from reproduce.registry import load_table
+
+    spec = load_table(TABLE)
+    for run in (REQUEUED, PLAIN):
+        folder = runs / run
+        assert {"result.json", "checkpoint.pt", "model.pt"} <= {p.name for p in folder.iterdir()}
+        result = json.loads((folder / "result.json").read_text())
+        assert result["scale"] == "smoke" and result["run_dir"] == f"{TABLE}/{run}"
+        assert result["command"] == f"reproduce train {TABLE} {run} --scale smoke"
+        row = spec.rows[run]
+        assert provenance.accept(spec, row, spec.columns["top1"], result, row.model, row.form) == (None, SMOKE_REFUSAL)
+        assert f"  {run}/top1: {SMOKE_REFUSAL}" in listing, listing
+        assert f"{TABLE}/{run}  slurm job {jobs[run]['job_id']}  COMPLETED" in listing, listing
+
+    # a finished run is not submitted again either
+    again = reproduce(tree, "submit", TABLE, PLAIN, "--cluster", "slurm", "--scale", "smoke", check=False)
+    assert again.returncode == 2 and "has finished" in again.stderr and len(again.stderr.strip().splitlines()) == 1
