@@ -1,11 +1,13 @@
 """`reproduce submit --cluster slurm` on a real one-node SLURM started on this machine
 (scripts/slurm_local.sh: Debian's slurm-wlm and munge), not a mock.
 
-Two smoke-scale cells of riformer-2 go out as two jobs. One is stopped after its first checkpoint
-(`scontrol suspend`, so that the moment is exact), requeued with `scontrol requeue` (SLURM kills it:
-SIGTERM, SIGKILL 2 s later) and started again; its next start resumes from the run folder's
-checkpoint.pt and ends with the same weights as an uninterrupted run. Both run folders then hold a
-result.json whose provenance is refused for one reason only: the smoke scale. Run with
+Two smoke-scale cells of riformer-2 go out as two jobs. Both are stopped after their first checkpoint
+(`scontrol suspend`, so that the moment is exact) and interrupted: one requeued with `scontrol
+requeue` (SLURM kills it: SIGTERM, SIGKILL 2 s later), the other sent the USR2 that SLURM sends ahead
+of a time-out or preemption (submitit calls the job's checkpoint() and requeues it). Each next start
+resumes from the run folder's checkpoint.pt; the first ends with the same weights as an uninterrupted
+run. Both run folders then hold a result.json whose provenance is refused for one reason only: the
+smoke scale. Run with
 `python -m pytest -q -m slurm --runslurm tests/test_submit_slurm.py` (root; CI runs it, ~3 minutes).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +52,11 @@ def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkout")
     for name in ("reproduce", "riformer", "recipes", "results/reference"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    yield root
+    registry = root / "runs" / "jobs.json"
+    if registry.is_file():  # a failed test leaves no job of its own behind
+        for entry in json.loads(registry.read_text())["jobs"]:
+            subprocess.run(["scancel", entry["job_id"]], capture_output=True, timeout=60)
 
 
 def reproduce(tree: Path, *args, check=True) -> subprocess.CompletedProcess:
@@ -92,27 +99,51 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
         [sys.executable, "-m", "reproduce.cli", "train", TABLE, REQUEUED, "--scale", "smoke", "--output",
          str(tree / "uninterrupted")], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    # stop both jobs right after their first checkpoint (suspended: the moment is exact), watching from
+    # before they are submitted (a smoke epoch takes a second or two)
+    suspended, watching = {}, threading.Event()
+
+    def suspend_at_first_checkpoint():
+        while watching.is_set() is False and len(suspended) < 2:
+            for run in {REQUEUED, PLAIN} - set(suspended):
+                if (runs / run / "checkpoint.pt").is_file():
+                    found = subprocess.run(["squeue", "-h", "-n", f"reproduce-{TABLE}-{run}", "-o", "%i"],
+                                           capture_output=True, text=True).stdout.split()
+                    if found and subprocess.run(["scontrol", "suspend", found[0]]).returncode == 0:
+                        suspended[run] = found[0]
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=suspend_at_first_checkpoint, daemon=True)
+    watcher.start()
     submitted = reproduce(tree, "submit", TABLE, REQUEUED, PLAIN, "--cluster", "slurm", "--scale", "smoke")
     jobs = {entry["run"]: entry for entry in json.loads((tree / "runs" / "jobs.json").read_text())["jobs"]}
     assert set(jobs) == {REQUEUED, PLAIN}, submitted.stdout
     assert jobs[REQUEUED]["cells"] == [f"{REQUEUED}/top1"] and jobs[PLAIN]["cluster"] == "slurm"
     assert f"{TABLE}/{REQUEUED}: slurm job {jobs[REQUEUED]['job_id']} fills {REQUEUED}/top1" in submitted.stdout
     job = jobs[REQUEUED]["job_id"]
-
-    # stop it right after its first checkpoint, then requeue it: SLURM kills it and starts it again
+    watcher.join(timeout=300)
+    watching.set()
+    assert suspended == {run: jobs[run]["job_id"] for run in (REQUEUED, PLAIN)}, suspended
+    for run in (REQUEUED, PLAIN):
+        assert epoch_of(runs / run / "checkpoint.pt") == 1 and not (runs / run / "result.json").exists()
     checkpoint = runs / REQUEUED / "checkpoint.pt"
-    wait_for(checkpoint.is_file, 300, f"{checkpoint}")
-    scontrol("suspend", job)
-    assert epoch_of(checkpoint) == 1 and not (runs / REQUEUED / "result.json").exists()
+    # REQUEUED: an admin's (or a preempting scheduler's) `scontrol requeue`: SLURM kills it and queues it again
     scontrol("requeue", job)
-    wait_for(lambda: state(job) == "PENDING", 60, f"job {job} requeued to PENDING", poll=0.2)
-    assert epoch_of(checkpoint) == 1  # nothing lost: the killed run's checkpoint is intact
+    # PLAIN: the time-out/preemption signal SLURM sends ahead of a kill (USR2): submitit calls the job's
+    # checkpoint() and requeues it itself
+    plain = jobs[PLAIN]["job_id"]
+    scontrol("resume", plain)  # (scancel --signal waits on a suspended job)
+    subprocess.run(["scancel", "--signal=USR2", plain], check=True, timeout=60)
+    for run in (REQUEUED, PLAIN):
+        wait_for(lambda: state(jobs[run]["job_id"]) == "PENDING", 60, f"{run} requeued to PENDING", poll=0.2)
+        assert epoch_of(runs / run / "checkpoint.pt") == 1  # nothing lost: the killed run's checkpoint is intact
     # a run that is pending (or running) is not submitted twice
     again = reproduce(tree, "submit", TABLE, REQUEUED, "--cluster", "slurm", "--scale", "smoke", check=False)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert f"{TABLE}/{REQUEUED} is already pending as slurm job {job}" in again.stderr, again.stderr
-    scontrol("release", job)  # a job requeued while suspended is held; and SLURM delays a requeued job's start
-    scontrol("update", f"JobId={job}", "StartTime=now")
+    scontrol("release", job)  # a job requeued while suspended is held
+    for run in (REQUEUED, PLAIN):  # SLURM delays a requeued job's start by two minutes: start it now
+        scontrol("update", f"JobId={jobs[run]['job_id']}", "StartTime=now")
 
     for run in (REQUEUED, PLAIN):
         wait_for(lambda: state(jobs[run]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED"), 420,
@@ -122,13 +153,17 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
     for run in (REQUEUED, PLAIN):
         assert state(jobs[run]["job_id"]) == "COMPLETED", f"{run}:\n{listing}\n{log}"
 
-    # the requeued job resumed from its checkpoint: one start from scratch, one resume at epoch 1, each epoch once
-    assert log.count(f"job {job} (task 0/1") == 2, log
-    assert f"resuming from {checkpoint} at epoch 1" in log, log
-    assert "Restarts=1" in scontrol("show", "job", job)
-    epochs = [json.loads(line)["epoch"] for line in (runs / REQUEUED / "log.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1], epochs
-    assert epoch_of(checkpoint) == 2
+    # each job started twice and resumed from its checkpoint at epoch 1; each epoch trained once
+    plain_log = (runs / PLAIN / "submitit" / f"{plain}_0_log.out").read_text()
+    assert "Caught signal SIGUSR2" in plain_log and "Calling checkpoint method" in plain_log, plain_log
+    for run, text in ((REQUEUED, log), (PLAIN, plain_log)):
+        job_id, checkpoint = jobs[run]["job_id"], runs / run / "checkpoint.pt"
+        assert text.count(f"job {job_id} (task 0/1") == 2, text
+        assert f"resuming from {checkpoint} at epoch 1" in text, text
+        assert "Restarts=1" in scontrol("show", "job", job_id)
+        epochs = [json.loads(line)["epoch"] for line in (runs / run / "log.jsonl").read_text().splitlines()]
+        assert epochs == [0, 1], (run, epochs)
+        assert epoch_of(checkpoint) == 2
 
     # and ends where the uninterrupted run ends, bit for bit
     assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stdout.read()
