@@ -99,21 +99,25 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
         [sys.executable, "-m", "reproduce.cli", "train", TABLE, REQUEUED, "--scale", "smoke", "--output",
          str(tree / "uninterrupted")], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # stop both jobs right after their first checkpoint (suspended: the moment is exact), watching from
-    # before they are submitted (a smoke epoch takes a second or two)
-    suspended, watching = {}, threading.Event()
+    # interrupt both jobs right after their first checkpoint, watching from before they are submitted (a
+    # smoke epoch takes a second or two): REQUEUED is suspended there (the moment is exact) and requeued below
+    # with `scontrol requeue`, as an admin or a preempting scheduler does (SLURM kills it and queues it
+    # again); PLAIN gets the signal SLURM sends ahead of a time-out or preemption (USR2): submitit calls the
+    # job's checkpoint() and requeues it itself. (A suspended step takes no USR2: scancel waits.)
+    interrupted, watching = {}, threading.Event()
 
-    def suspend_at_first_checkpoint():
-        while watching.is_set() is False and len(suspended) < 2:
-            for run in {REQUEUED, PLAIN} - set(suspended):
+    def interrupt_at_first_checkpoint():
+        while watching.is_set() is False and len(interrupted) < 2:
+            for run in {REQUEUED, PLAIN} - set(interrupted):
                 if (runs / run / "checkpoint.pt").is_file():
                     found = subprocess.run(["squeue", "-h", "-n", f"reproduce-{TABLE}-{run}", "-o", "%i"],
                                            capture_output=True, text=True).stdout.split()
-                    if found and subprocess.run(["scontrol", "suspend", found[0]]).returncode == 0:
-                        suspended[run] = found[0]
+                    how = ["scontrol", "suspend"] if run == REQUEUED else ["scancel", "--signal=USR2"]
+                    if found and subprocess.run([*how, found[0]], timeout=60).returncode == 0:
+                        interrupted[run] = found[0]
             time.sleep(0.02)
 
-    watcher = threading.Thread(target=suspend_at_first_checkpoint, daemon=True)
+    watcher = threading.Thread(target=interrupt_at_first_checkpoint, daemon=True)
     watcher.start()
     submitted = reproduce(tree, "submit", TABLE, REQUEUED, PLAIN, "--cluster", "slurm", "--scale", "smoke")
     jobs = {entry["run"]: entry for entry in json.loads((tree / "runs" / "jobs.json").read_text())["jobs"]}
@@ -123,17 +127,11 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
     job = jobs[REQUEUED]["job_id"]
     watcher.join(timeout=300)
     watching.set()
-    assert suspended == {run: jobs[run]["job_id"] for run in (REQUEUED, PLAIN)}, suspended
-    for run in (REQUEUED, PLAIN):
-        assert epoch_of(runs / run / "checkpoint.pt") == 1 and not (runs / run / "result.json").exists()
+    assert interrupted == {run: jobs[run]["job_id"] for run in (REQUEUED, PLAIN)}, interrupted
+    assert epoch_of(runs / REQUEUED / "checkpoint.pt") == 1 and not (runs / REQUEUED / "result.json").exists()
     checkpoint = runs / REQUEUED / "checkpoint.pt"
-    # REQUEUED: an admin's (or a preempting scheduler's) `scontrol requeue`: SLURM kills it and queues it again
     scontrol("requeue", job)
-    # PLAIN: the time-out/preemption signal SLURM sends ahead of a kill (USR2): submitit calls the job's
-    # checkpoint() and requeues it itself
     plain = jobs[PLAIN]["job_id"]
-    scontrol("resume", plain)  # (scancel --signal waits on a suspended job)
-    subprocess.run(["scancel", "--signal=USR2", plain], check=True, timeout=60)
     for run in (REQUEUED, PLAIN):
         wait_for(lambda: state(jobs[run]["job_id"]) == "PENDING", 60, f"{run} requeued to PENDING", poll=0.2)
         assert epoch_of(runs / run / "checkpoint.pt") == 1  # nothing lost: the killed run's checkpoint is intact
