@@ -46,7 +46,7 @@ write_conf() {
   cat >"$CONF" <<EOF
 $MARK ($(date -u +%FT%TZ)): a one-node cluster on this machine
 ClusterName=reproduce
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -68,7 +68,7 @@ MpiDefault=none
 ReturnToService=2
 KillWait=2
 MinJobAge=600
-NodeName=$HOST CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }

@@ -3,7 +3,7 @@
 
 Two smoke-scale cells of riformer-2 go out as two jobs. Both are stopped after their first checkpoint
 (`scontrol suspend`, so that the moment is exact) and interrupted: one requeued with `scontrol
-requeue` (SLURM kills it: SIGTERM, SIGKILL 2 s later), the other sent the USR2 that SLURM sends ahead
+requeue` (SLURM kills it: SIGTERM, SIGKILL 2 s later), the other given the USR2 that SLURM sends ahead
 of a time-out or preemption (submitit calls the job's checkpoint() and requeues it). Each next start
 resumes from the run folder's checkpoint.pt; the first ends with the same weights as an uninterrupted
 run. Both run folders then hold a result.json whose provenance is refused for one reason only: the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -69,7 +70,21 @@ def reproduce(tree: Path, *args, check=True) -> subprocess.CompletedProcess:
 
 
 def scontrol(*args) -> str:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr.strip()}"
+    return done.stdout
+
+
+def start_now(job_id: str) -> None:
+    """SLURM holds a requeued job back two minutes: let it start now (while it is still pending)."""
+    for _ in range(20):
+        if state(job_id) != "PENDING":
+            return
+        if subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
+                          timeout=60).returncode == 0:
+            return
+        time.sleep(0.5)
+    scontrol("update", f"JobId={job_id}", "StartTime=now")
 
 
 def state(job_id: str) -> str:
@@ -87,6 +102,15 @@ def wait_for(condition, seconds: float, what: str, poll: float = 0.05):
     raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 
+def task_pid(job_id: str) -> int:
+    """The process of the job's task 0 (step 0, global rank 0: the python submitit runs)."""
+    for line in scontrol("listpids", job_id).splitlines()[1:]:
+        pid, _, step, _, rank = (line.split() + ["-"] * 5)[:5]
+        if step == "0" and rank == "0":
+            return int(pid)
+    raise AssertionError(f"no task process of job {job_id}: {scontrol('listpids', job_id)}")
+
+
 def epoch_of(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
 
@@ -99,11 +123,13 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
         [sys.executable, "-m", "reproduce.cli", "train", TABLE, REQUEUED, "--scale", "smoke", "--output",
          str(tree / "uninterrupted")], cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # interrupt both jobs right after their first checkpoint, watching from before they are submitted (a
-    # smoke epoch takes a second or two): REQUEUED is suspended there (the moment is exact) and requeued below
-    # with `scontrol requeue`, as an admin or a preempting scheduler does (SLURM kills it and queues it
-    # again); PLAIN gets the signal SLURM sends ahead of a time-out or preemption (USR2): submitit calls the
-    # job's checkpoint() and requeues it itself. (A suspended step takes no USR2: scancel waits.)
+    # stop both jobs right after their first checkpoint (suspended: the moment is exact), watching from
+    # before they are submitted (a smoke epoch takes a second or two). Then REQUEUED gets `scontrol requeue`,
+    # as from an admin or a preempting scheduler (SLURM kills it and queues it again), and PLAIN the signal
+    # SLURM sends ahead of a time-out or preemption (USR2): submitit calls the job's checkpoint() and
+    # requeues it itself. The USR2 goes to the suspended task's process (scancel waits on a suspended step;
+    # sent after a resume it can come after the run's end on a loaded machine): it is handled the moment
+    # the job resumes.
     interrupted, watching = {}, threading.Event()
 
     def interrupt_at_first_checkpoint():
@@ -112,8 +138,7 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
                 if (runs / run / "checkpoint.pt").is_file():
                     found = subprocess.run(["squeue", "-h", "-n", f"reproduce-{TABLE}-{run}", "-o", "%i"],
                                            capture_output=True, text=True).stdout.split()
-                    how = ["scontrol", "suspend"] if run == REQUEUED else ["scancel", "--signal=USR2"]
-                    if found and subprocess.run([*how, found[0]], timeout=60).returncode == 0:
+                    if found and subprocess.run(["scontrol", "suspend", found[0]], timeout=60).returncode == 0:
                         interrupted[run] = found[0]
             time.sleep(0.02)
 
@@ -128,10 +153,13 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
     watcher.join(timeout=300)
     watching.set()
     assert interrupted == {run: jobs[run]["job_id"] for run in (REQUEUED, PLAIN)}, interrupted
-    assert epoch_of(runs / REQUEUED / "checkpoint.pt") == 1 and not (runs / REQUEUED / "result.json").exists()
+    for run in (REQUEUED, PLAIN):
+        assert epoch_of(runs / run / "checkpoint.pt") == 1 and not (runs / run / "result.json").exists()
     checkpoint = runs / REQUEUED / "checkpoint.pt"
     scontrol("requeue", job)
     plain = jobs[PLAIN]["job_id"]
+    os.kill(task_pid(plain), signal.SIGUSR2)
+    scontrol("resume", plain)
     for run in (REQUEUED, PLAIN):
         wait_for(lambda: state(jobs[run]["job_id"]) == "PENDING", 60, f"{run} requeued to PENDING", poll=0.2)
         assert epoch_of(runs / run / "checkpoint.pt") == 1  # nothing lost: the killed run's checkpoint is intact
@@ -140,8 +168,8 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert f"{TABLE}/{REQUEUED} is already pending as slurm job {job}" in again.stderr, again.stderr
     scontrol("release", job)  # a job requeued while suspended is held
-    for run in (REQUEUED, PLAIN):  # SLURM delays a requeued job's start by two minutes: start it now
-        scontrol("update", f"JobId={jobs[run]['job_id']}", "StartTime=now")
+    for run in (REQUEUED, PLAIN):
+        start_now(jobs[run]["job_id"])
 
     for run in (REQUEUED, PLAIN):
         wait_for(lambda: state(jobs[run]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED"), 420,
@@ -188,3 +216,23 @@ def test_two_cells_through_slurm_one_requeued_mid_run(cluster, tree):
     # a finished run is not submitted again either
     again = reproduce(tree, "submit", TABLE, PLAIN, "--cluster", "slurm", "--scale", "smoke", check=False)
     assert again.returncode == 2 and "has finished" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_a_local_job_of_two_processes_trains_with_torch_distributed(tree):
+    """`--cluster local --tasks-per-node 2`: submitit starts two processes, its TorchDistributedEnvironment
+    gives them RANK/WORLD_SIZE/MASTER_ADDR, and the engine trains one run with DDP (gloo on CPU)."""
+    run = "identity_label_soft"
+    folder = tree / "runs" / TABLE / run
+    submitted = reproduce(tree, "submit", TABLE, run, "--cluster", "local", "--scale", "smoke", "--tasks-per-node", "2")
+    entry = [e for e in json.loads((tree / "runs" / "jobs.json").read_text())["jobs"] if e["run"] == run][0]
+    assert entry["cluster"] == "local" and entry["tasks_per_node"] == 2, submitted.stdout
+    result_pickle = folder / "submitit" / f"{entry['job_id']}_0_result.pkl"
+    wait_for(result_pickle.is_file, 420, f"{result_pickle}", poll=0.5)
+    log = (folder / "submitit" / f"{entry['job_id']}_0_log.out").read_text()
+    assert f"job {entry['job_id']} (task 0/2" in log and "Job completed successfully" in log, log
+    assert (folder / "submitit" / f"{entry['job_id']}_1_log.out").is_file()  # the second process's own log
+    assert torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)["world"] == 2
+    assert json.loads((folder / "result.json").read_text())["scale"] == "smoke"
+    listing = reproduce(tree, "jobs", TABLE).stdout
+    assert f"{TABLE}/{run}  local job {entry['job_id']}  COMPLETED  (smoke, 1x2 processes" in listing, listing
+    assert f"  {run}/top1: {SMOKE_REFUSAL}" in listing, listing
