@@ -8,6 +8,7 @@
     reproduce bench riformer_s12 ...       ad-hoc throughput with the same harness
     reproduce plan --all                   what the pending accuracy cells cost to fill (estimates)
     reproduce report                       the results as a static site, results/<device>/site/index.html
+    reproduce submit riformer-2 --cluster slurm   the pending cells as cluster jobs (docs/cluster.md)
 """
 from __future__ import annotations
 
@@ -472,6 +473,55 @@ def report_command(device, results_dir, html_dir):
     folder = site.results_folder(results_dir or RESULTS_DIR, device)
     index = site.write_site(folder, html_dir or folder / "site")
     console.print(f"wrote {folder / 'summary.json'} and {index}", highlight=False)
+
+
+@main.command("submit")
+@click.argument("table_id")
+@click.argument("rows", nargs=-1)
+@click.option("--column", default=None, help="only the pending cells of this accuracy column")
+@click.option("--cluster", type=click.Choice(["slurm", "local"]), required=True,
+              help="slurm: sbatch through submitit; local: processes on this machine")
+@click.option("--nodes", default=1, show_default=True, type=int, help="nodes per job")
+@click.option("--gpus-per-node", default=0, show_default=True, type=int, help="GPUs per node (one process each)")
+@click.option("--tasks-per-node", default=None, type=int, help="processes per node (default: one per GPU, one on CPU)")
+@click.option("--cpus-per-task", default=None, type=int, help="CPUs per process (data loading workers + 1)")
+@click.option("--partition", default=None, help="SLURM partition (default: the cluster's)")
+@click.option("--time", "hours", default=24.0, show_default=True, type=float,
+              help="hours per job; a job that reaches it is requeued and resumes from its checkpoint")
+@click.option("--scale", type=click.Choice(["full", "smoke"]), default="full", show_default=True,
+              help="smoke: the engine's few-step run on generated data (it never fills a cell)")
+@click.option("--data", default=None, help="ImageNet root (train/ and validation/), as every node sees it")
+@click.option("--include-released", is_flag=True, help="also train cells that released weights fill by evaluation")
+@click.option("--dry-run", is_flag=True, help="print each job's script (the sbatch text) and submit nothing")
+def submit_command(table_id, rows, column, cluster, nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition,
+                   hours, scale, data, include_released, dry_run):
+    """One cluster job per distinct run of TABLE's pending accuracy cells (of ROWS): docs/cluster.md."""
+    from reproduce import submit
+
+    res = submit.Resources(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                           cpus_per_task=cpus_per_task, partition=partition, hours=hours)
+    submit.submit(_table_id(table_id), rows, column, cluster, res, scale, data, dry_run, include_released,
+                  echo=lambda line: click.echo(line))
+
+
+@main.command("jobs")
+@click.argument("table_id", required=False)
+@click.option("--tail", default=2, show_default=True, type=click.IntRange(min=0), help="log lines per job")
+def jobs_command(table_id, tail):
+    """The runs `reproduce submit` sent: job, state, the cells each fills (and what provenance says), log tail."""
+    from reproduce import submit
+
+    jobs = submit.jobs_report(_table_id(table_id) if table_id else None, tail)
+    if not jobs:
+        click.echo(f"no submitted jobs{f' of {table_id}' if table_id else ''} in {submit.registry_path()}")
+        return
+    for job in jobs:
+        click.echo(f"{job['table']}/{job['run']}  {job['cluster']} job {job['job_id']}  {job['state']}  "
+                   f"({job['scale']}, {job['nodes']}x{job['tasks_per_node']} processes, submitted {job['submitted']})")
+        for verdict in job["verdicts"]:
+            click.echo(f"  {verdict}")
+        for line in job["log"]:
+            click.echo(f"  | {line}")
 
 
 # Commands that live with their subsystem.

@@ -152,6 +152,14 @@ def validate(command: str, tmp: Path) -> None:
         spec = _spec(params["table_id"])
         _kinds(params["columns"])
         _rows(spec, params["rows"])
+    elif name in ("submit", "jobs"):
+        from reproduce.submit import pending_runs
+
+        if params["table_id"]:
+            spec = _spec(params["table_id"])
+            if name == "submit":  # rows and column as submit reads them; a printed submit has a job to send
+                runs, _ = pending_runs(spec, params["rows"], params["column"], params["include_released"])
+                assert runs, f"{spec.id}: no pending cell of {params['rows'] or 'the table'} that a job trains"
     elif name in ("weights", "diff", "plan"):
         for table_id in params["table_ids"]:
             _spec(table_id)

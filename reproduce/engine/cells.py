@@ -6,6 +6,7 @@ to its cell, `evaluate_into_cell` evaluates a checkpoint and writes its result.j
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from reproduce.engine import EngineError
@@ -39,6 +40,47 @@ def cell_run(table: str, row: str, column: str | None, recipe_option: str | None
     if not recipe:
         raise EngineError(f"row {row} of {table} has no `recipe:` in recipes/tables/{table}.yaml")
     return (Path(recipe) if recipe_option else RECIPES / recipe), spec.run_name(row, column) if column else row, column
+
+
+def command_line(table, row, column, scale, data, nproc, recipe_option) -> str:
+    """The `reproduce train` command that trains this cell (recorded in its result.json)."""
+    parts = ["reproduce", "train", table, row] + (["--column", column] if column else []) + ["--scale", scale]
+    if data:
+        parts += ["--data", data]
+    if nproc > 1:
+        parts += ["--nproc", str(nproc)]
+    if recipe_option:
+        parts += ["--recipe", recipe_option]
+    return shlex.join(parts)
+
+
+def check_cell(table: str, row: str, column: str | None, scale: str, data: str | None,
+               recipe_option: str | None = None) -> tuple[Path, str, str | None, dict]:
+    """(recipe, run folder name, column, loaded recipe) of a cell to train, or an EngineError naming in
+    one line what is missing (teacher/init checkpoints, data): checked before any work starts."""
+    from reproduce.engine.dryrun import missing_files
+    from reproduce.engine.recipe import load_recipe
+
+    path, run_name, column = cell_run(table, row, column, recipe_option)
+    recipe = load_recipe(path, scale=scale)
+    missing = missing_files(recipe, data, need_data=scale == "full", table=table)
+    if missing:
+        raise EngineError(f"{table}/{run_name} cannot start; missing: {'; '.join(missing)}")
+    return path, run_name, column, recipe
+
+
+def train_cell(table: str, row: str, column: str | None, *, scale: str, data: str | None, output: Path | None = None,
+               resume: bool = False, recipe_option: str | None = None, world: int = 1) -> dict:
+    """Train the cell's recipe into its run folder (`output`, default runs/<table>/<run>) and evaluate it:
+    what `reproduce train` and a `reproduce submit` job run in each process."""
+    from reproduce.engine.train import train
+
+    path, run_name, column, recipe = check_cell(table, row, column, scale, data, recipe_option)
+    output = Path(output) if output else RUNS / table / run_name
+    info = {"table": table, "row": row, "column": column,
+            "recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+            "command": command_line(table, row, column, scale, data, world, recipe_option)}
+    return train(recipe, data=data, output=output, resume=resume, info=info)
 
 
 def cell_of_output(output: Path | None) -> dict:

@@ -4,11 +4,11 @@ Several GPUs: `reproduce train ... --nproc 8` starts torchrun itself. Several no
 yourself on every node, e.g.
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m reproduce.engine.cli train riformer-6 riformer_s12 --data /imagenet
+or let a cluster do it: `reproduce submit` (reproduce/submit.py, docs/cluster.md).
 """
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +18,7 @@ import click
 from reproduce.engine import EngineError
 
 from reproduce.engine import cells
-from reproduce.engine.cells import ROOT, cell_of_output, cell_run, evaluate_into_cell
-
-
-def _command_line(table, row, column, scale, data, nproc, recipe_option) -> str:
-    parts = ["reproduce", "train", table, row] + (["--column", column] if column else []) + ["--scale", scale]
-    if data:
-        parts += ["--data", data]
-    if nproc > 1:
-        parts += ["--nproc", str(nproc)]
-    if recipe_option:
-        parts += ["--recipe", recipe_option]
-    return shlex.join(parts)
+from reproduce.engine.cells import ROOT, cell_of_output, cell_run, check_cell, evaluate_into_cell, train_cell
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:
@@ -76,24 +65,12 @@ def train_command(table, row, column, data, scale, nproc, output, resume, recipe
         if dry_run:
             path, run_name, column = cell_run(table, row, column, recipe_option)
             sys.exit(_report_dry_runs([path], use_cache=False, label=f"{table}/{run_name}"))
-        from reproduce.engine.dryrun import missing_files
-        from reproduce.engine.recipe import load_recipe
-
-        path, run_name, column = cell_run(table, row, column, recipe_option)
-        recipe = load_recipe(path, scale=scale)
-        missing = missing_files(recipe, data, need_data=scale == "full", table=table)  # before any work starts
-        if missing:
-            raise EngineError(f"{table}/{run_name} cannot start; missing: {'; '.join(missing)}")
+        path, run_name, column, _ = check_cell(table, row, column, scale, data, recipe_option)  # before any work
         if nproc > 1 and not distributed.launched_by_torchrun():
             sys.exit(_relaunch_under_torchrun(nproc))
-        from reproduce.engine.train import train
-
         output = output or cells.RUNS / table / run_name
-        world = int(os.environ.get("WORLD_SIZE", nproc))
-        info = {"table": table, "row": row, "column": column,
-                "recipe": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
-                "command": _command_line(table, row, column, scale, data, world, recipe_option)}
-        result = train(recipe, data=data, output=output, resume=resume, info=info)
+        result = train_cell(table, row, column, scale=scale, data=data, output=output, resume=resume,
+                            recipe_option=recipe_option, world=int(os.environ.get("WORLD_SIZE", nproc)))
     except EngineError as err:
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", 0)) == 0:
