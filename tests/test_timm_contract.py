@@ -329,3 +329,11 @@ def test_native_size_forward_fx_and_features(name):
         assert torch.equal(next(iter(fx_model(model)(x).values())), out)
         extractor = timm.create_model(name, features_only=True).eval()
         check_features(extractor, extractor(x), (size, size), 1)
+
+
+def test_checks_run_model_by_model(request):
+    """tests/conftest.py groups this module's tests by model, so `build` holds one model at a time."""
+    names = [item.callspec.params["name"] for item in request.session.items
+             if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params]
+    runs = [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+    assert len(runs) == len(set(runs)), "a model's checks are split apart: each would build it again"
