@@ -17,8 +17,11 @@ all-tables: setup  ## every registered table at this machine's scale (cached: a 
 test: setup  ## the test suite (slow and GPU tests are skipped with their reason)
 	$(PY) -m pytest -q
 
-test-slow: setup  ## the slow tests (full-depth equivalence of the largest models, every official layout)
-	$(PY) -m pytest -q --runslow -m slow
+# The slow tests use TEST_THREADS torch threads each (tests/helpers.py; 1 in `make test`, which shares
+# its cores): CI runs them as their own step, alone on the machine (docs/architecture.md, Testing).
+TEST_THREADS ?= 2
+test-slow: setup  ## the slow tests (full-depth equivalence of the largest models, every official layout, every timm check on every model)
+	TEST_THREADS=$(TEST_THREADS) $(PY) -m pytest -q --runslow -m slow --durations=15
 
 dry-run: setup  ## every recipe at full size: models, teachers, optimizer, one step (CI; ~11 min on 2 cores)
 	$(REPRODUCE) dry-run --all

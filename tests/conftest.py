@@ -20,6 +20,7 @@ def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow on 2 CPU cores: run with `make test-slow`")
     skip_slurm = pytest.mark.skip(reason="starts a SLURM cluster on this machine (root, apt-get): run with "
                                          "`python -m pytest -q -m slurm --runslurm`")
+    group_by_param(items)
     for item in items:
         if "slurm" in item.keywords and not config.getoption("--runslurm"):
             item.add_marker(skip_slurm)
@@ -28,3 +29,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_learning)
         elif "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+
+
+def group_by_param(items):
+    """In a module that sets GROUP_BY_PARAM (a parameter's name), run the tests of one value together,
+    in the order the values first appear, each value's tests in their order: a module that builds big
+    models then builds each once and holds one at a time (tests/test_timm_contract.py)."""
+    def value(item):
+        module = getattr(item, "module", None)
+        param = getattr(module, "GROUP_BY_PARAM", None)
+        callspec = getattr(item, "callspec", None)
+        return (module, callspec.params[param]) if param and callspec and param in callspec.params else None
+
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(value(item) or id(item), index)
+    items[:] = [item for _, item in sorted(enumerate(items),
+                                            key=lambda pair: (first[value(pair[1]) or id(pair[1])], pair[0]))]

@@ -9,6 +9,7 @@
 """
 import copy
 import csv
+import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -55,9 +56,10 @@ def kill_at_step(engine, monkeypatch, step: int):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Run the test on one thread (the test machines share their cores)."""
+    """Run the test on one thread (the test machines share their cores), or on $TEST_THREADS where
+    the machine is the test's alone (`make test-slow` in CI: its own step)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
 

@@ -140,15 +140,39 @@ def test_variant_fold_is_exact_for_every_idle_ratio(name, theta):
     assert_fold_is_exact(model, x, TOLERANCE[torch.float64])
 
 
+_FULL_DEPTH = {}  # name -> its full-depth build, random float64 weights (the variant under test only)
+
+
+def full_depth(name, theta):
+    """`name` at full depth as `timm.create_model(name, idle_ratio=theta)` builds it, with random float64
+    weights. The weights' shapes do not depend on θ (only each FFN's number of active channels does), and
+    building and randomizing them is most of the time (ViT-H: ~25 s of CPU): one set per variant serves
+    its five θ, each taking its active channels from the entrypoint's own build at θ on the meta device."""
+    full = {k: v for k, v in REDUCED[name].items() if k in ("img_size", "window_size")}
+    if name not in _FULL_DEPTH:
+        _FULL_DEPTH.clear()
+        _FULL_DEPTH[name] = randomize_(timm.create_model(name, **full)).eval().double()
+    with torch.device("meta"):
+        at_theta = timm.create_model(name, idle_ratio=theta, **full)
+    # the last θ takes the shared build itself (folded in place: ViT-H's is 5 GB)
+    model = _FULL_DEPTH.pop(name) if theta == THETAS[-1] else copy.deepcopy(_FULL_DEPTH[name])
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in at_theta.named_modules()]
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in at_theta.state_dict().items()}
+    ffns = [(m, built) for m, built in zip(model.modules(), at_theta.modules()) if isinstance(m, repa.ChannelIdleFFN)]
+    assert ffns
+    for ffn, built in ffns:
+        ffn.num_active = built.num_active
+    assert all(ffn.idle_ratio == pytest.approx(theta, abs=0.5 / ffn.hidden_dim) for ffn, _ in ffns)
+    return model, full["img_size"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("theta", THETAS)
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_variant_and_idle_ratio_at_full_depth(name, theta):
-    """Full depth, small input, folded in place: ViT-H alone needs ~5 GB (float64) and minutes."""
-    full = {k: v for k, v in REDUCED[name].items() if k in ("img_size", "window_size")}
-    model = timm.create_model(name, idle_ratio=theta, **full)
-    model = randomize_(model).eval().double()
-    x = torch.randn(1, 3, full["img_size"], full["img_size"], dtype=torch.float64)
+    """Full depth, small input, folded in place: ViT-H alone needs ~10 GB (float64) and minutes."""
+    model, size = full_depth(name, theta)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
     assert_fold_is_exact(model, x, TOLERANCE[torch.float64], in_place=True)
 
 

@@ -57,12 +57,18 @@ def small_build(name):
 
 
 _BUILT = {}
+# tests/conftest.py runs this module's tests model by model (GROUP_BY_PARAM), so one build is shared by
+# the consecutive checks that ask for it, and only the last build is kept: every model's builds, kept,
+# would need ~40 GB (the slow suite grew past 15 GB and could not finish on a 24 GB machine).
+GROUP_BY_PARAM = "name"
 
 
 def build(name, **kwargs):
-    """A fresh copy of `name` built once per session with `kwargs` (building is the slow part)."""
+    """A fresh copy of `name` built with `kwargs`, built once for the checks in a row that ask for it
+    (building is the slow part)."""
     key = (name, tuple(sorted(kwargs.items())))
     if key not in _BUILT:
+        _BUILT.clear()
         torch.manual_seed(0)
         _BUILT[key] = timm.create_model(name, **kwargs)
     return copy.deepcopy(_BUILT[key])
@@ -301,6 +307,7 @@ def test_features_of_train_and_deploy_form_are_equal(name):
         check_features(deploy_form, after, (size, size), 2)
         for a, b in zip(before, after):
             assert ((a - b).abs().max() / a.abs().max()).item() < 1e-9
+        del train_form, deploy_form, before, after  # float64 copies: ViT-H's are 5 GB each
         deployed = riformer.deploy(build(name, **kwargs).eval())  # and the deploy form traces
         assert torch.equal(next(iter(fx_model(deployed)(x.float()).values())), deployed(x.float()))
 
@@ -322,3 +329,11 @@ def test_native_size_forward_fx_and_features(name):
         assert torch.equal(next(iter(fx_model(model)(x).values())), out)
         extractor = timm.create_model(name, features_only=True).eval()
         check_features(extractor, extractor(x), (size, size), 1)
+
+
+def test_checks_run_model_by_model(request):
+    """tests/conftest.py groups this module's tests by model, so `build` holds one model at a time."""
+    names = [item.callspec.params["name"] for item in request.session.items
+             if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params]
+    runs = [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+    assert len(runs) == len(set(runs)), "a model's checks are split apart: each would build it again"
