@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from reproduce import measure, report
+from reproduce import measure, provenance, report
 from reproduce.buildable import recipe_runs
 from reproduce.cells import notes
 from reproduce.registry import RECIPES, load_recipe
