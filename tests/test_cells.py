@@ -111,7 +111,8 @@ def test_settings_read_the_recipe_or_the_built_model_and_a_spec_value_is_only_de
     run = runner.TableRun(repa, show_progress=False, kinds={"setting"})
     row = next(iter(repa.rows.values()))
     value, where, declared = run.setting_value(row, repa.columns["epochs"])
-    assert where.startswith(f"recipe {row.recipe}: ") and not declared
+    from reproduce import provenance
+    assert where == f"{provenance.recipe_source(row.recipe)}: epochs" and not declared  # names its resolved hash
     sit = load_table("sit-2")
     run = runner.TableRun(sit, show_progress=False, kinds={"setting"})
     value, where, declared = run.setting_value(sit.rows["sit_ti"], sit.columns["embed_dim"])
