@@ -220,6 +220,7 @@ def test_the_rule_picks_the_architecture_then_the_nearest_macs(fake_macs, cache)
 def test_a_rate_measured_on_a_gpu_replaces_both(fake_macs, cache, monkeypatch):
     _anchored_macs(fake_macs)
     monkeypatch.setattr(plan.measure, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(plan.measure, "resolve_device", lambda device: device)  # no CUDA here: resolved as asked
     planner = plan.make_plan(["riformer-8"], plan.Settings(device="cuda"), cache)
     run = planner.runs["riformer/table8/poolformer_s12.yaml"]
     run.rate = {"img_per_s": 5000.0, "batch_size": 512}
