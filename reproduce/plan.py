@@ -555,6 +555,7 @@ def pending_accuracy_cells(spec) -> list[tuple[str, str]]:
 class Planner:
     def __init__(self, settings: Settings, cache: MeasurementCache | None = None):
         self.settings, self.cache = settings, cache or MeasurementCache()
+        self.device = resolve(settings.device)  # once: its tag keys every rate in the cache
         self.runs: dict[str, RunCost] = {}
         self.rows: list[dict] = []
         self.anchors, self.convnet_prefixes = load_anchors(settings.anchors)
@@ -578,7 +579,7 @@ class Planner:
         cost = RunCost(key=recipe_path, path="recipe", images=recipe["epochs"] * TRAIN_IMAGES, step_gmacs=step,
                        precision=precision_of(recipe), epochs=recipe["epochs"], student=student_cfg["name"],
                        teachers=" + ".join(f"{t['model']} ({t['role']})" for t in teachers))
-        cost.rate = self.cache.get(_rate_key(recipe_path, recipe, self.settings.device, None, None))
+        cost.rate = self.cache.get(_rate_key(recipe_path, recipe, self.device, None, None))
         cost.architecture = architecture_of(student_cfg["name"], self.convnet_prefixes)
         if step is not None:
             cost.anchor = nearest_anchor(step, cost.architecture, self.anchors)
@@ -638,7 +639,7 @@ class Planner:
                 "anchor": run.anchor.id if run and run.anchor and run.path == "recipe" else "",
                 "gpu_hours_low": _fmt(low, 1), "gpu_hours_high": _fmt(high, 1), "gpu_hours_basis": basis,
                 "wall_hours_estimate": _fmt(gpu_h / s.gpus if gpu_h is not None else None, 1), "gpus": s.gpus,
-                "device": resolve(s.device).tag,
+                "device": self.device.tag,
                 "device_img_per_s": _fmt(run.rate["img_per_s"] if run and run.rate else None, 2),
                 "device_hours_estimate": _fmt(dev_h, 1),
                 "batch_per_gpu": memory["batch_per_gpu"] if memory else "",
@@ -740,7 +741,7 @@ class Planner:
                 echo(f"plan: rate budget of {seconds:.0f} s spent; the rest keep their cached rates or none")
                 break
             recipe = load_recipe(run.key)
-            key = _rate_key(run.key, recipe, self.settings.device, batch_size, img_size)
+            key = _rate_key(run.key, recipe, self.device, batch_size, img_size)
             rate = self.cache.get(key)
             if rate is None:
                 try:
