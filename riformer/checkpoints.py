@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["CheckpointError", "Layout", "OURS", "LoadReport", "register_layouts", "layouts_of", "read_state_dict",
-           "unwrap_state_dict", "convert_state_dict", "family_filter", "load_checkpoint", "load_model", "sha256",
+           "unwrap_state_dict", "convert_state_dict", "family_filter", "load_checkpoint", "load_model", "sha256", "timm_layout",
            "model_name_of", "install_timm_hook"]
 
 
@@ -70,11 +70,14 @@ class Layout:
     """One published key layout of a family: who releases files in it and how to map it onto ours.
 
     `marker`: a regex that some key of every file in this layout matches (None: always a
-    candidate). `convert(state_dict, model)` returns the state dict in our key names."""
+    candidate). `convert(state_dict, model)` returns the state dict in our key names. `prepare(model)`,
+    if given, sets what the release's own code builds differently from our model and no weight
+    holds (a norm's eps), on the model a file of this layout is loaded into."""
     name: str
     release: str
     marker: Optional[str] = None
     convert: Callable[[dict, nn.Module], dict] = field(default=lambda state, model: state, compare=False)
+    prepare: Optional[Callable[[nn.Module], None]] = field(default=None, compare=False)
 
 
 OURS = Layout("ours", "this suite's own checkpoints (model.pt, model_deploy.pt) and any file in our key names")
@@ -88,7 +91,7 @@ def register_layouts(names: Iterable[str], layouts: Sequence[Layout]) -> None:
         _LAYOUTS[name] = tuple(layouts)
 
 
-def _timm_layout(name: str) -> Layout:
+def timm_layout(name: str) -> Layout:
     """A timm model's own layout: timm's `checkpoint_filter_fn` of its module, if it has one."""
     import importlib
 
@@ -110,7 +113,7 @@ def layouts_of(name: Optional[str]) -> tuple[Layout, ...]:
     if name in _LAYOUTS:
         return (*_LAYOUTS[name], OURS)
     if name and _is_timm_model(name):
-        return (_timm_layout(name), OURS)
+        return (timm_layout(name), OURS)
     return (OURS,)
 
 
@@ -383,6 +386,8 @@ def load_checkpoint(model: nn.Module, path, *, name: Optional[str] = None, stric
     if fit.unexpected:
         LOG.warning("%s (%s layout): dropped %d keys %s has no module for: %s", path, layout.name,
                     len(fit.unexpected), name, _grouped(fit.unexpected))
+    if layout.prepare is not None:
+        layout.prepare(model)
     result = model.load_state_dict(converted, strict=False)
     missing = [k for k in result.missing_keys]
     if strict and [k for k in missing if not k.startswith(allow_missing)]:  # defensive: _fit said exact
@@ -446,7 +451,8 @@ def load_model(name: str, path, *, form: str = "train", strict: bool = True, **k
 
 def install_timm_hook() -> None:
     """Route timm.create_model's `checkpoint_path` loading through `load_checkpoint` for the
-    suite's models (timm loads it after the entry point returns, without our family filters)."""
+    suite's models and the timm models with official layouts declared here (timm loads it after the
+    entry point returns, without our family filters)."""
     from timm.models import _factory
 
     original = _factory.load_checkpoint
@@ -455,7 +461,7 @@ def install_timm_hook() -> None:
 
     def load_checkpoint_for_timm(model, checkpoint_path, *args, **kwargs):
         name = model_name_of(model)
-        if is_suite_model(name):
+        if is_suite_model(name) or name in _LAYOUTS:  # ours, or a timm model with official layouts declared
             return load_checkpoint(model, checkpoint_path, name=name, strict=kwargs.get("strict", True))
         return original(model, checkpoint_path, *args, **kwargs)
 

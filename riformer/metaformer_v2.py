@@ -32,7 +32,7 @@ from timm.models.metaformer import checkpoint_filter_fn as timm_metaformer_filte
 
 from riformer._builder import (cfg_for_img_size, imagenet_cfg, load_local_checkpoint, local_checkpoint,
                                refuse_pretrained, register_timm_model)
-from riformer.checkpoints import Layout, register_layouts
+from riformer.checkpoints import Layout, register_layouts, timm_layout
 from riformer.metaformer import fold_affine_into_norm
 
 __all__ = ["Affine", "RandomMixing", "AffineFormer", "fold_affine_into_norm"]
@@ -119,6 +119,25 @@ LAYOUTS = (Layout("sail-sg/metaformer", "MetaFormer-baselines release (github.co
                   "huggingface.co/sail/dl: {identity,rand}former_*.pth, a plain state dict)",
                   r"^downsample_layers\.0\.conv\.weight$", timm_metaformer_filter),)
 register_layouts(["identityformer_s12", "randformer_s12"], LAYOUTS)
+
+
+def _official_mlp_head_eps(model) -> None:
+    """sail-sg/metaformer's MlpHead normalises with nn.LayerNorm's default eps 1e-5; timm's port uses 1e-6.
+    No weight holds it, so a strict load alone leaves logits ~1e-7 relative apart (docs/weights.md)."""
+    head = getattr(getattr(model, "head", None), "fc", None)
+    if head is not None and isinstance(getattr(head, "norm", None), nn.LayerNorm):
+        head.norm.eps = 1e-5
+
+
+# timm's own ConvFormer / CAFormer / PoolFormerV2 (the riformer-9 and 384-recipe teachers), loaded from the
+# authors' files: timm's filter maps the keys; the authors' head-norm eps is set on the model.
+SAIL_SG_TEACHERS = ([f"{family}_{size}" for family in ("convformer", "caformer") for size in ("s18", "s36", "m36", "b36")]
+                    + [f"poolformerv2_{size}" for size in ("s12", "s24", "s36", "m36", "m48")])
+for _name in SAIL_SG_TEACHERS:
+    register_layouts([_name], (Layout("sail-sg/metaformer", "MetaFormer-baselines release (github.com/sail-sg/metaformer "
+                                      "README, huggingface.co/sail/dl: a plain state dict)",
+                                      r"^downsample_layers\.0\.conv\.weight$", timm_metaformer_filter,
+                                      prepare=_official_mlp_head_eps), timm_layout(_name)))
 
 
 def _create(variant: str, pretrained: bool, token_mixers, arch: dict, model_cls=MetaFormer, **kwargs):

@@ -25,7 +25,7 @@ from riformer.checkpoints import CheckpointError, load_checkpoint, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_layouts"
 # The larger models (5-15 s each here) run under `make test-slow`; every layout runs there.
-SLOW = {"lvvit_tl", "repaswin", "pvt", "sit", "gfnet", "vig", "swin_mlp"}
+SLOW = {"lvvit_tl", "repaswin", "pvt", "sit", "gfnet", "vig", "swin_mlp", "caformer"}
 LAYOUTS = [pytest.param(p.stem, marks=pytest.mark.slow) if p.stem in SLOW else p.stem
            for p in sorted(FIXTURES.glob("*.json"))]
 CLASSES = 2  # the fixtures' 1000-class heads are written with 2 rows, to match the generated data
@@ -86,6 +86,20 @@ def test_official_layout_loads_on_every_path(family, tmp_path, tiny_data):
     assert f"{fixture['layout']} layout" in result.output
     written = json.loads((out / "result.json").read_text())
     assert written["weights"]["sha256"] == provenance.file_sha256(path) and written["data"]["images"] == 4
+
+
+@pytest.mark.parametrize("family", ["convformer", pytest.param("caformer", marks=pytest.mark.slow)])
+def test_authors_metaformer_file_gets_the_authors_head_norm(family, tmp_path):
+    """sail-sg/metaformer's MlpHead norm is nn.LayerNorm(eps=1e-5) (metaformer_baselines.py MlpHead);
+    timm's port builds it with 1e-6. No weight holds eps: loading the authors' file sets theirs (float64
+    logits then agree to ~1e-14 with their code, docs/weights.md); timm's own hub layout keeps timm's."""
+    path, fixture = official_file(family, tmp_path)
+    assert load_model(fixture["model"], path, num_classes=CLASSES).head.fc.norm.eps == 1e-5
+    via_timm = timm.create_model(fixture["model"], num_classes=CLASSES, checkpoint_path=str(path))
+    assert via_timm.head.fc.norm.eps == 1e-5
+    hub_layout = tmp_path / "timm_layout.pth"
+    torch.save(via_timm.state_dict(), hub_layout)
+    assert load_model(fixture["model"], hub_layout, num_classes=CLASSES).head.fc.norm.eps == 1e-6
 
 
 def test_a_planted_key_fault_is_refused(tmp_path):

@@ -272,8 +272,7 @@ def test_download_refuses_share_pages_and_keeps_no_partial_file(tmp_path, monkey
 
 
 # Releases whose published top-1 is not yet written in the manifest (each still to be read from its source).
-TOP1_NOT_RECORDED = {"pvt_small", "pvt_medium", "pvt_large", "gfnet_h_ti", "gfnet_h_s", "gfnet_h_b", "gfnet_b",
-                     "swin_mlp_tiny_c6", "swin_mlp_base", "resmlp_b24"}
+TOP1_NOT_RECORDED: set[str] = set()
 
 
 def filled_cells():
@@ -450,6 +449,10 @@ def test_repa_rows_say_where_the_files_are_hosted_and_what_is_unknown():
 #   deit  facebookresearch/deit @7e160fe README_deit.md: the '* Acc@1' line of each `main.py --eval`; datasets.py
 #         build_transform Resize(int(224 / 0.875)) = 256 (--eval-crop-ratio 0.875)
 #   swin  microsoft/Swin-Transformer README.md ImageNet-1K table; data/build.py TEST.CROP int(256/224 * 224) = 256
+#   pvt   whai362/PVT classification/README.md 'PVTv1 on ImageNet-1K' (Acc@1); datasets.py int(256/224 * 224) = 256
+#   gfnet raoyongming/GFNet README.md Model Zoo (acc@1); datasets.py int(256/224 * 224) = 256
+#   mlp   microsoft/Swin-Transformer MODELHUB.md 'ImageNet-1K Pretrained Swin MLP Models' (acc@1); data/build.py
+#         TEST.CROP int(256/224 * size): 292 at 256, 256 at 224
 #   meta  sail-sg/metaformer @64c534a README.md model tables (URL, Top1 Acc); metaformer_baselines.py _cfg
 #         crop_pct 1.0 (timm validate.py: resize = size)
 AUTHORS = {
@@ -477,6 +480,18 @@ AUTHORS = {
     "convformer_s36_384": ("https://huggingface.co/sail/dl/resolve/main/convformer/convformer_s36_384.pth", 384, 85.4, 384),
     "convformer_m36_384": ("https://huggingface.co/sail/dl/resolve/main/convformer/convformer_m36_384.pth", 384, 85.6, 384),
     "convformer_b36_384": ("https://huggingface.co/sail/dl/resolve/main/convformer/convformer_b36_384.pth", 384, 85.7, 384),
+    "pvt_small": ("https://github.com/whai362/PVT/releases/download/v2/pvt_small.pth", 224, 79.8, 256),     # pvt
+    "pvt_medium": ("https://github.com/whai362/PVT/releases/download/v2/pvt_medium.pth", 224, 81.2, 256),   # pvt
+    "pvt_large": ("https://github.com/whai362/PVT/releases/download/v2/pvt_large.pth", 224, 81.7, 256),     # pvt
+    "gfnet_h_ti": ("https://cloud.tsinghua.edu.cn/f/b22dd45eccbe462cbbfb/?dl=1", 224, 80.1, 256),            # gfnet
+    "gfnet_h_s": ("https://cloud.tsinghua.edu.cn/f/5229cb4d1daf48e69675/?dl=1", 224, 81.5, 256),             # gfnet
+    "gfnet_h_b": ("https://cloud.tsinghua.edu.cn/f/954c5af21e824ba6b40c/?dl=1", 224, 82.9, 256),             # gfnet
+    "gfnet_b": ("https://cloud.tsinghua.edu.cn/f/2fbf264597af4d72afb3/?dl=1", 224, 80.7, 256),               # gfnet
+    "swin_mlp_tiny_c6": ("https://github.com/SwinTransformer/storage/releases/download/v1.0.5/"
+                         "swin_mlp_tiny_c6_patch4_window8_256.pth", 256, 79.7, 292),                          # mlp
+    "swin_mlp_base": ("https://github.com/SwinTransformer/storage/releases/download/v1.0.5/"
+                      "swin_mlp_base_patch4_window7_224.pth", 224, 81.3, 256),                                # mlp
+    "resmlp_b24": ("https://dl.fbaipublicfiles.com/deit/resmlpB_24_no_dist.pth", 224, 81.034, 256),          # csv
 }
 # sit-3's third-party rows (issue 20): the release that fills each, or None where no file's published top-1 is
 # the printed one (LeViT-256/384 80.1/81.6 vs 81.5/82.6; CaiT-S36/M36 released at 384 only; LV-ViT-L at 448/512).
