@@ -336,6 +336,27 @@ def release_block(head: str, release: Release, state: str, get: str | None = Non
     return lines
 
 
+@lru_cache(maxsize=None)
+def _unresolved_host(host: str) -> str | None:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host} cannot be reached ({getattr(err, 'strerror', None) or err})"
+    return None
+
+
+def _unresolved(url: str) -> str | None:
+    """Why the URL's host cannot be resolved (no network), or None; asked once per host."""
+    import os
+    from urllib.parse import urlparse
+
+    if "huggingface.co" in url:
+        url = os.environ.get("HF_ENDPOINT", url)
+    return _unresolved_host(urlparse(url).hostname or url)
+
+
 def download(release: Release, weights_dir) -> Path:
     """Fetch the release into `weights_dir` (needs a network), written atomically and checked
     against its published checksum; one-line WeightsError otherwise."""
@@ -348,11 +369,23 @@ def download(release: Release, weights_dir) -> Path:
     if needs_browser(release):
         raise WeightsError(f"{release.name}: {release.url} is a share page, not a file: open it in a browser (or "
                            f"use gdown) and save the file in {weights_dir} as {release.local_name}")
+    where = f"{release.url or 'hf-hub timm/' + release.timm_tag}"
+    unreachable = _unresolved(where_from(release))
+    if unreachable:  # offline: one line now, not a client's retries and back-off per file
+        raise WeightsError(f"cannot download {release.name} ({where}): {unreachable}; {elsewhere}")
     try:
         if release.timm_tag:
+            import logging
+
             from huggingface_hub import hf_hub_download
 
-            cached = hf_hub_download(f"timm/{release.timm_tag}", "model.safetensors")
+            hub_log = logging.getLogger("huggingface_hub")
+            level = hub_log.level
+            hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one line
+            try:
+                cached = hf_hub_download(f"timm/{release.timm_tag}", "model.safetensors")
+            finally:
+                hub_log.setLevel(level)
             with open(cached, "rb") as source:
                 files.atomic_write(target, lambda f: shutil.copyfileobj(source, f))
         else:
@@ -362,8 +395,7 @@ def download(release: Release, weights_dir) -> Path:
                 files.atomic_write(target, lambda f: shutil.copyfileobj(response, f))
     except Exception as err:  # noqa: BLE001  any network failure is the same one line
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise WeightsError(f"cannot download {release.name} ({release.url or 'hf-hub timm/' + release.timm_tag}): "
-                           f"{reason[:120]}; {elsewhere}") from None
+        raise WeightsError(f"cannot download {release.name} ({where}): {reason[:120]}; {elsewhere}") from None
     with open(target, "rb") as written:
         page = written.read(512).lstrip()[:1] == b"<"  # an HTML page (a login or confirmation page)
     if page:

@@ -262,6 +262,7 @@ def test_download_refuses_share_pages_and_keeps_no_partial_file(tmp_path, monkey
         def __exit__(self, *exc):
             return False
 
+    monkeypatch.setattr(weights, "_unresolved", lambda url: None)  # as if the host resolved
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Page(b"<!DOCTYPE html><html>sign in</html>"))
     with pytest.raises(weights.WeightsError, match="returned a web page"):
         weights.download(weights.releases()["pvt_small"], tmp_path)
@@ -389,6 +390,59 @@ def test_a_training_run_evaluates_with_its_release_transform():
     assert resize == {"riformer_m36": 236, "riformer_s12_384": 426, "riformer_m48_384": 404}
     # a size no release has (the smoke scale): the recipe's crop_pct
     assert weights.recipe_transform("riformer_m36", {"img_size": 32, "crop_pct": 0.8})[0]["resize"] == 40
+
+
+def test_weights_download_offline_is_one_line_per_file_without_retries(tmp_path, monkeypatch):
+    """The real download path, offline: each file fails on one line naming its host, and no client is
+    started on a host that does not resolve (huggingface_hub's retries cost about 23 s and ten warning
+    lines per file: 32 files were some 12 minutes of back-off)."""
+    import socket
+
+    import huggingface_hub
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    started = []
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: started.append(a))
+    monkeypatch.chdir(tmp_path)
+    weights._unresolved_host.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["weights", "sit-3", "--weights", "w", "--download"])
+    finally:
+        weights._unresolved_host.cache_clear()
+    assert result.exit_code == 2, result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("failed: ")]
+    direct = [r for r in _releases_of("sit-3") if not weights.needs_browser(r)]
+    assert len(failed) >= len(direct) > 1 and not started
+    assert all("cannot be reached (Name or service not known)" in line for line in failed)
+    assert any("huggingface.co cannot be reached" in line for line in failed)
+    assert any("github.com cannot be reached" in line for line in failed)
+
+
+def test_hub_retry_warnings_stay_off_the_screen(tmp_path, monkeypatch, caplog):
+    """Where the host resolves but the hub fails, its retry warnings are not printed over the one line."""
+    import logging
+    import socket
+
+    import huggingface_hub
+
+    def failing_hub(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_hub)
+    before = logging.getLogger("huggingface_hub").level
+    weights._unresolved_host.cache_clear()
+    try:
+        with pytest.raises(weights.WeightsError, match=r"cannot download regnety_160_deit .*: connection reset; "):
+            weights.download(weights.releases()["regnety_160_deit"], tmp_path)
+    finally:
+        weights._unresolved_host.cache_clear()
+    assert "Retry" not in caplog.text
+    assert logging.getLogger("huggingface_hub").level == before  # put back as it was
 
 
 def test_weights_download_tries_every_file_and_names_the_browser_ones(tmp_path, monkeypatch):
